@@ -1,0 +1,1 @@
+"""Data: canonical records, source adapters, targets, tokenised batches."""

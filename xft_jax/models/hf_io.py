@@ -1,0 +1,328 @@
+"""Hugging Face checkpoint I/O: safetensors in, safetensors out, never pickle.
+
+Loading builds the abstract model first (``nnx.eval_shape``), derives each parameter's
+sharding, then reads for every device shard exactly the slice it holds, straight from the
+files (``jax.make_array_from_callback``). The whole model is never held twice on the host,
+and on several hosts each host reads only what its own devices hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xft_jax import sharding
+from xft_jax.models.config import ModelConfig
+from xft_jax.models.decoder import Decoder, leaf_axes
+from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
+
+LAYER_PREFIX = "model.layers.{i}."
+# our stacked leaf name -> HF name inside a layer (weights stored [out, in] there)
+HF_LAYER_NAMES = {
+    "input_norm": "input_layernorm.weight",
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight", "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight", "o_proj": "self_attn.o_proj.weight",
+    "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias", "o_bias": "self_attn.o_proj.bias",
+    "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+                "lm_head": "lm_head.weight"}
+TRANSPOSED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+              "lm_head"}
+# Buffers some checkpoints carry that hold no weights.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the model it claims to be."""
+
+
+# ------------------------------------------------------------------------ index
+def _tensor_index(path: str) -> tuple[dict[str, SafetensorsFile], list[str]]:
+    """Tensor name -> open file, and the list of files, for single or sharded checkpoints."""
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = {}
+        for name in sorted(set(weight_map.values())):
+            fp = os.path.join(path, name)
+            if not os.path.exists(fp):
+                raise CheckpointError(f"{index}: lists {name}, which does not exist")
+            files[name] = SafetensorsFile(fp)
+        out = {}
+        for tensor, name in weight_map.items():
+            if tensor not in files[name].tensors:
+                raise CheckpointError(
+                    f"{index}: maps tensor {tensor!r} to {name}, which does not contain it")
+            out[tensor] = files[name]
+        return out, [f.path for f in files.values()]
+    if os.path.exists(single):
+        f = SafetensorsFile(single)
+        return {t: f for t in f.tensors}, [single]
+    pickles = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+               if os.path.exists(os.path.join(path, n))]
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only {', '.join(pickles)} found. Pickle checkpoints are refused (loading "
+            f"them can execute code). Convert once in a trusted environment, e.g. "
+            f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+            f"safe_serialization=True), then load the safetensors.")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for this config (the checkpoint must match exactly)."""
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    out = {}
+    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        shape = leaf.get_value().shape
+        for name, hf_shape in _hf_tensors_of(keys, shape):
+            out[name] = hf_shape
+    return out
+
+
+def _hf_tensors_of(keys: list[str], shape: tuple[int, ...]):
+    leaf = keys[-1]
+    if keys[0] == "layers":
+        per = tuple(shape[1:])
+        hf = per[::-1] if leaf in TRANSPOSED else per
+        for i in range(shape[0]):
+            yield LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf], hf
+    else:
+        yield HF_TOP_NAMES[leaf], tuple(shape[::-1]) if leaf in TRANSPOSED else tuple(shape)
+
+
+# ------------------------------------------------------------------------ loading
+def _read_tensor(f: SafetensorsFile, name: str, leaf: str, index, shape, np_dtype):
+    """The slice ``index`` (over OUR layout: [in, out] when transposed) of one HF tensor."""
+    norm = tuple(slice(*s.indices(n)) for s, n in zip(
+        tuple(index) + (slice(None),) * (len(shape) - len(index)), shape))
+    if leaf in TRANSPOSED:
+        rows = f.read_rows(name, norm[1])          # HF [out, in]: rows = our out dim
+        part = rows[:, norm[0]].T
+    else:
+        rows = f.read_rows(name, norm[0])
+        part = rows[(slice(None),) + norm[1:]] if len(norm) > 1 else rows
+    return np.ascontiguousarray(part, dtype=np_dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer, i):
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
+
+
+def _load_leaf(files, keys, shape, shard, np_dtype):
+    """One parameter as a device array. A stacked layer leaf is filled one layer at a time
+    into a donated device buffer, so the host never stages more than one layer."""
+    leaf = keys[-1]
+    if keys[0] != "layers":
+        name = HF_TOP_NAMES[leaf]
+        return jax.make_array_from_callback(
+            shape, shard, lambda idx: _read_tensor(files[name], name, leaf, idx, shape, np_dtype))
+    if isinstance(shard, NamedSharding):
+        spec = tuple(shard.spec) + (None,) * (len(shape) - len(shard.spec))
+        layer_shard = NamedSharding(shard.mesh, P(*spec[1:]))
+    else:
+        layer_shard = shard
+    stacked = jax.jit(lambda: jnp.zeros(shape, np_dtype), out_shardings=shard)()
+    for i in range(shape[0]):
+        name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
+        layer = jax.make_array_from_callback(
+            shape[1:], layer_shard,
+            lambda idx, name=name: _read_tensor(files[name], name, leaf, idx, shape[1:], np_dtype))
+        stacked = _set_layer(stacked, layer, i)
+        del layer
+    return stacked
+
+
+def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
+                    compute_dtype=None, remat: str = "none",
+                    attention_impl: str | None = None,
+                    leaf_transform: Callable | None = None) -> Decoder:
+    """A Decoder with weights streamed from an HF safetensors checkpoint directory.
+
+    dtype: parameter dtype (source tensors in any float dtype are cast on read).
+    compute_dtype: activation dtype (defaults to ``dtype``).
+    mesh: place every parameter with its logical-axis sharding over this mesh.
+    leaf_transform(keys, array) -> array: applied per leaf after placement (quantisation).
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: checkpoint directory not found")
+    cfg = ModelConfig.from_pretrained(path)
+    files, _ = _tensor_index(path)
+    expected = expected_hf_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in files:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"{path}: missing tensor {name!r} (expected shape {shape})")
+        found = files[name].shape(name)
+        if tuple(found) != tuple(shape):
+            raise CheckpointError(
+                f"{files[name].path}: tensor {name!r} has shape {tuple(found)}, expected "
+                f"{tuple(shape)} from config.json")
+    for name in files:
+        if name in expected or IGNORED.match(name):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        raise CheckpointError(f"{files[name].path}: unexpected tensor {name!r} (not part of a "
+                              f"{cfg.architecture} with this config)")
+
+    compute_dtype = compute_dtype or dtype
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype,
+                                              dtype=compute_dtype, remat=remat,
+                                              attention_impl=attention_impl))
+    graphdef, state = nnx.split(abstract)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    flat = []
+    for p, var in nnx.to_flat_state(state):
+        keys = [str(getattr(k, "key", k)) for k in p]
+        shape = var.get_value().shape
+        if mesh is not None:
+            shard = sharding.named_sharding(mesh, leaf_axes(tuple(keys)), shape)
+        else:
+            shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        arr = _load_leaf(files, keys, shape, shard, np_dtype)
+        # Wait for the transfer so each host staging buffer is freed before the next
+        # leaf's is filled: without it, in-flight copies pile up on the host.
+        arr.block_until_ready()
+        if leaf_transform is not None:
+            arr = leaf_transform(tuple(keys), arr)
+        flat.append((p, arr))
+    for p, arr in flat:
+        _set_path(state, p, arr)
+    return nnx.merge(graphdef, state)
+
+
+def _set_path(state, path, value):
+    node = state
+    for k in path[:-1]:
+        node = node[k]
+    var = node[path[-1]]
+    if isinstance(var, nnx.Variable):
+        var.set_value(value)
+    else:
+        node[path[-1]] = value
+
+
+# ------------------------------------------------------------------------ saving
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def hf_state_items(model: Decoder, dtype=None):
+    """Yields (hf_name, numpy array in HF layout), one tensor at a time."""
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if keys[0] == "lora":
+            continue
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        if hasattr(value, "dequantize"):
+            value = value.dequantize(dtype or jnp.float32)
+        leaf = keys[-1]
+        if keys[0] == "layers":
+            for i in range(value.shape[0]):
+                a = _host(value[i])
+                a = a.T if leaf in TRANSPOSED else a
+                yield LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf], _cast(a, dtype)
+        else:
+            a = _host(value)
+            yield HF_TOP_NAMES[leaf], _cast(a.T if leaf in TRANSPOSED else a, dtype)
+
+
+def _cast(a, dtype):
+    a = np.ascontiguousarray(a)
+    return a if dtype is None else a.astype(np.dtype(jnp.dtype(dtype)))
+
+
+def save_pretrained(model: Decoder, path: str, max_shard_size: int | str = "5GB",
+                    dtype=None) -> None:
+    """HF-compatible config.json + safetensors (sharded with an index past max_shard_size).
+
+    Files are written under temporary names and renamed, config.json last, so an
+    interrupted save never leaves a directory that looks complete.
+    """
+    from safetensors.numpy import save_file
+
+    limit = _parse_size(max_shard_size)
+    os.makedirs(path, exist_ok=True)
+    write = jax.process_index() == 0
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    for name, arr in hf_state_items(model, dtype):
+        if sizes[-1] and sizes[-1] + arr.nbytes > limit:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = arr
+        sizes[-1] += arr.nbytes
+    if not write:
+        return
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        _atomic(os.path.join(path, name),
+                lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": int(sum(sizes))},
+                 "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
+        _atomic(os.path.join(path, "model.safetensors.index.json"),
+                lambda tmp: _write_json(tmp, index))
+    cfg_dict = model.config.to_hf_dict()
+    if dtype is not None:
+        cfg_dict["torch_dtype"] = str(np.dtype(jnp.dtype(dtype)))
+    _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, cfg_dict))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _atomic(dest: str, writer: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".tmp_")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or e.g. '5GB', '200MB'")
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+__all__ = ["load_pretrained", "save_pretrained", "CheckpointError", "SafetensorsError",
+           "expected_hf_shapes", "hf_state_items"]

@@ -1,0 +1,305 @@
+"""Device mesh and logical-axis sharding.
+
+Every parameter and activation is described by logical axis names ('batch', 'embed',
+'heads', ...). One table (``LOGICAL_RULES``) maps them onto the mesh axes
+('data', 'fsdp', 'tensor'), so the same model code runs on one CPU, eight fake devices,
+a GPU node or a TPU pod.
+
+Also here: NamedShardings for a model's state (``model_shardings``, ``param_shardings``,
+``shard_model``), global batches assembled from each host's slice
+(``make_global_batch``), and host views of multi-host arrays (``to_host``). Multi-host
+start-up lives in ``xft_jax.distributed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "lora_rank": None,
+    "norm": None,
+    "head_dim": None,
+    "quant_block": None,
+}
+
+# Activations: the residual stream is sharded over batch only (weights carry fsdp).
+ACTIVATION_RULES: dict[str, Any] = dict(LOGICAL_RULES, embed=None)
+
+
+def create_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all global devices; one size may be -1."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ValueError(f"mesh.{k}={v}: sizes must be positive or -1")
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if free:
+        if n % fixed:
+            raise ValueError(
+                f"mesh {sizes}: the fixed sizes multiply to {fixed}, which does not divide "
+                f"the {n} available devices")
+        sizes[free[0]] = n // fixed
+    total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    if total != n:
+        raise ValueError(
+            f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} "
+            f"= {total} devices, but {n} are available")
+    shape = (sizes["data"], sizes["fsdp"], sizes["tensor"])
+    try:
+        from jax.experimental import mesh_utils
+
+        dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # non-TPU topologies that mesh_utils cannot lay out
+        dev_array = np.asarray(devices).reshape(shape)
+    return Mesh(dev_array, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: dict[str, Any] | None = None,
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+    """PartitionSpec for logical axes.
+
+    With ``mesh``, mesh axes of size 1 are dropped. With ``shape`` too, a dim is sharded
+    over the longest prefix of its mesh axes whose product divides it (e.g. a batch of 4
+    on data=2 x fsdp=4 shards over 'data' only), else replicated, so sizes such as 4 heads
+    on tensor=8 never fail at placement.
+    """
+    rules = LOGICAL_RULES if rules is None else rules
+    if shape is not None and len(shape) != len(logical_axes):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape "
+                         f"{tuple(shape)} (rank {len(shape)})")
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(logical_axes):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule (known: "
+                           f"{sorted(rules)})")
+        target = rules.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a not in used)
+        if mesh is not None:
+            unknown = [a for a in axes if a not in mesh.shape]
+            if unknown:
+                raise KeyError(f"logical axis {name!r} maps to mesh axes {unknown} that the "
+                               f"mesh {dict(mesh.shape)} does not have")
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None:
+                while axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
+                    axes = axes[:-1]
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*out)
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
+                   shape: Sequence[int] | None = None, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules, shape, mesh))
+
+
+def tree_shardings(mesh: Mesh, axes_tree, shapes_tree, rules=None):
+    """NamedShardings for a pytree of logical-axis tuples and a matching tree of shapes."""
+    return jax.tree.map(
+        lambda ax, s: named_sharding(mesh, ax, getattr(s, "shape", s), rules),
+        axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+# --------------------------------------------------------------- activation constraints
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: dict[str, Any] | None = None):
+    """Within this context, ``constrain`` pins activations to the mesh."""
+    prev = getattr(_ACTIVE, "value", None)
+    _ACTIVE.value = (mesh, ACTIVATION_RULES if rules is None else rules) if mesh else None
+    try:
+        yield
+    finally:
+        _ACTIVE.value = prev
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint at a block boundary; a no-op outside ``activation_sharding``."""
+    active = getattr(_ACTIVE, "value", None)
+    if not active:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(logical_axes, rules, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# --------------------------------------------------------------- model state
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _leaf_axes(keys: tuple[str, ...]) -> tuple[str, ...]:
+    from xft_jax.models.decoder import leaf_axes  # decoder imports this module
+
+    try:
+        return leaf_axes(keys)
+    except KeyError as e:
+        raise KeyError(f"parameter {'.'.join(keys)}: no logical axes for it in "
+                       f"decoder.PARAM_AXES ({e}); add them so it is not left unsharded"
+                       ) from None
+
+
+def param_shardings(mesh: Mesh, params: dict, prefix: Sequence[str] = (), rules=None):
+    """NamedShardings (same nesting) for a plain params dict such as ``model.params()``
+    or, with ``prefix=('lora',)``, ``model.lora_params()``: jit in/out_shardings."""
+    def one(path, x):
+        keys = tuple(prefix) + _keys(path)
+        return named_sharding(mesh, _leaf_axes(keys), x.shape, rules)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def model_shardings(mesh: Mesh, model_or_state, rules=None):
+    """Pure nested dict of NamedShardings for every variable of an NNX model (or State).
+
+    Param and LoRAParam leaves follow ``decoder.leaf_axes`` (LoRA A like its base
+    weight's input, B like its output); any other variable is replicated.
+    """
+    from flax import nnx
+
+    state = (model_or_state if isinstance(model_or_state, nnx.State)
+             else nnx.state(model_or_state))
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        keys = _keys(path)
+        value = var.get_value() if hasattr(var, "get_value") else var
+        if isinstance(var, (nnx.Param, nnx.LoRAParam)):
+            sh = named_sharding(mesh, _leaf_axes(keys), np.shape(value), rules)
+        else:
+            sh = NamedSharding(mesh, P())
+        flat.append((path, sh))
+    return nnx.to_pure_dict(nnx.from_flat_state(flat)) if flat else {}
+
+
+def shard_model(model, mesh: Mesh, rules=None):
+    """Moves every variable of an NNX model onto ``mesh`` with its sharding (in place).
+
+    For parameters created on the host (e.g. LoRA adapters attached after loading);
+    ``models.load_pretrained(path, mesh=mesh)`` already places the base weights.
+    """
+    from flax import nnx
+
+    state = nnx.state(model)
+    shardings = model_shardings(mesh, state, rules)
+    placed = jax.tree.map(lambda x, s: jax.device_put(x, s),
+                          nnx.to_pure_dict(state), shardings)
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+    return model
+
+
+# --------------------------------------------------------------- global batches
+# Logical axes of the batch contract (DESIGN.md); other keys default to ('batch', None..).
+BATCH_AXES: dict[str, tuple[str | None, ...]] = {
+    "input_ids": ("batch", "length"), "targets": ("batch", "length"),
+    "loss_mask": ("batch", "length"), "label_mask": ("batch", "length"),
+    "segment_ids": ("batch", "length"), "positions": ("batch", "length"),
+    "attention_mask": ("batch", "length"),
+    "label_pos": ("batch",), "label": ("batch",),
+}
+
+
+def batch_axes(key: str, ndim: int, axes: dict | None = None) -> tuple[str | None, ...]:
+    table = BATCH_AXES if axes is None else {**BATCH_AXES, **axes}
+    ax = table.get(key, ("batch",) + (None,) * (ndim - 1))
+    if len(ax) != ndim:
+        raise ValueError(f"batch[{key!r}] has rank {ndim}, but its logical axes are {ax}")
+    return tuple(ax)
+
+
+def batch_sharding(mesh: Mesh, key: str, ndim: int, axes: dict | None = None,
+                   rules=None) -> NamedSharding:
+    """Sharding of one batch field: batch over ('data', 'fsdp'), everything else whole."""
+    return NamedSharding(mesh, logical_to_spec(batch_axes(key, ndim, axes), rules, None, mesh))
+
+
+def process_batch_slice(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch of ``global_batch`` rows this process must feed.
+
+    Hosts whose devices hold the same batch rows (batch not split across them) get the
+    same slice and must feed identical data.
+    """
+    sh = batch_sharding(mesh, "input_ids", 2)
+    idx = sh.addressable_devices_indices_map((global_batch, 1))
+    rows = sorted({(s[0].indices(global_batch)[:2]) for s in idx.values()})
+    lo, hi = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != hi - lo:
+        raise ValueError(f"mesh {dict(mesh.shape)}: this process's batch rows {rows} are "
+                         f"not contiguous; reorder the mesh devices")
+    return slice(lo, hi)
+
+
+def make_global_batch(mesh: Mesh, local_batch: dict, axes: dict | None = None,
+                      rules=None, global_batch_size: int | None = None) -> dict:
+    """Global jax.Arrays from each process's numpy slice of the batch.
+
+    Every process calls this with the rows of its ``process_batch_slice`` (the data
+    pipeline shards per host); on one process this is just a sharded device_put.
+    ``axes`` overrides ``BATCH_AXES`` for extra keys.
+    """
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        sh = batch_sharding(mesh, key, value.ndim, axes, rules)
+        gshape = None
+        if global_batch_size is not None:
+            gshape = (global_batch_size,) + value.shape[1:]
+        try:
+            out[key] = jax.make_array_from_process_local_data(sh, value, gshape)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"batch[{key!r}]: local shape {value.shape} cannot form a global array "
+                f"with sharding {sh.spec} on mesh {dict(mesh.shape)} over "
+                f"{jax.process_count()} process(es): the local batch must divide evenly "
+                f"over this host's batch shards ({e})") from e
+    return out
+
+
+# --------------------------------------------------------------- host views
+def to_host(x) -> np.ndarray:
+    """The full value of a (possibly multi-host) array as numpy, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def describe(mesh: Mesh) -> str:
+    """One log line: mesh shape, device kind and process layout."""
+    shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    d = mesh.devices.flat[0]
+    return (f"mesh {shape} ({mesh.devices.size} x {d.platform}:{d.device_kind}) over "
+            f"{jax.process_count()} process(es); this is process {jax.process_index()} "
+            f"with {len(mesh.local_devices)} local device(s)")
