@@ -1,0 +1,142 @@
+"""The study's grid: sources x axes x target variants x seeds, one cell per run.
+
+A cell is a directory ``<sweep_dir>/<source>/<axis>/<variant>/seed<k>`` holding ``train/``
+(the training workdir), ``eval/`` (metrics.json, predictions.csv), ``probe/`` and
+``status.json``. A cell whose ``status.json`` says ``done`` is skipped on re-runs; a failed
+one is retried up to a limit and listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterable, Sequence
+
+SOURCES = ("chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected", "amazon_qa", "coqa",
+           "cornell_movie")
+AXES = ("naturalness", "comprehensiveness", "on_topic")
+PAPER_VARIANTS = ("label_only", "explanation", "shuffled", "bag_of_words")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    source: str
+    axis: str
+    variant: str
+    seed: int
+
+    @property
+    def rel(self) -> str:
+        return os.path.join(self.source, self.axis, self.variant, f"seed{self.seed}")
+
+    @property
+    def setting(self) -> tuple[str, str]:
+        return self.source, self.axis
+
+
+def cells(sources: Sequence[str], axes: Sequence[str], variants: Sequence[str],
+          seeds: Sequence[int]) -> list[Cell]:
+    return [Cell(s, a, v, int(k)) for s, a, v, k in itertools.product(sources, axes, variants, seeds)]
+
+
+def cell_commands(cell: Cell, sweep_dir: str, train_config: str, data_path_template: str,
+                  overrides: Sequence[str] = (), probe: bool = True,
+                  python: str = sys.executable) -> list[list[str]]:
+    """train -> evaluate (-> probe) commands of one cell, as argv lists."""
+    root = os.path.join(sweep_dir, cell.rel)
+    data_path = data_path_template.format(source=cell.source) if data_path_template else ""
+    cfg = [f"--config={train_config}",
+           f"--config.data.source={cell.source}",
+           f"--config.data.path={data_path}",
+           f"--config.data.axis={cell.axis}",
+           f"--config.data.target={cell.variant}",
+           f"--config.train.seed={cell.seed}", *overrides]
+    cmds = [[python, "-m", "xft_jax.train", f"--workdir={root}/train", *cfg],
+            [python, "-m", "xft_jax.evaluate", f"--workdir={root}/train", f"--out={root}/eval",
+             "--split=test"]]
+    if probe:
+        cmds.append([python, "-m", "xft_jax.probe", f"--workdirs={root}/train",
+                     f"--out={root}/probe"])
+    return cmds
+
+
+def read_status(sweep_dir: str, cell: Cell) -> dict:
+    path = os.path.join(sweep_dir, cell.rel, "status.json")
+    if not os.path.exists(path):
+        return {"state": "pending", "attempts": 0}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_status(sweep_dir: str, cell: Cell, status: dict) -> None:
+    d = os.path.join(sweep_dir, cell.rel)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".status_")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(status, f, indent=2)
+    os.replace(tmp, os.path.join(d, "status.json"))
+
+
+def is_done(sweep_dir: str, cell: Cell, probe: bool) -> bool:
+    """Done means its outputs exist, so cells finished by a launched job count too."""
+    root = os.path.join(sweep_dir, cell.rel)
+    needed = [os.path.join(root, "eval", "metrics.json"), os.path.join(root, "eval", "predictions.csv")]
+    if probe:
+        needed.append(os.path.join(root, "probe", "probe.json"))
+    return all(os.path.exists(p) for p in needed)
+
+
+def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: bool,
+              max_attempts: int = 2, log=print) -> dict[str, list[Cell]]:
+    """Runs pending and failed cells one after another; returns done/failed/skipped lists."""
+    result = {"done": [], "failed": [], "skipped": []}
+    for cell in cell_list:
+        status = read_status(sweep_dir, cell)
+        if is_done(sweep_dir, cell, probe):
+            result["skipped"].append(cell)
+            continue
+        if status["state"] == "failed" and status["attempts"] >= max_attempts:
+            log(f"[sweep] {cell.rel}: failed {status['attempts']} times, not retried")
+            result["failed"].append(cell)
+            continue
+        attempts = status["attempts"] + 1
+        write_status(sweep_dir, cell, {"state": "running", "attempts": attempts,
+                                       "started": time.time()})
+        os.makedirs(os.path.join(sweep_dir, cell.rel), exist_ok=True)
+        log_path = os.path.join(sweep_dir, cell.rel, "log.txt")
+        error = None
+        with open(log_path, "a", encoding="utf-8") as logf:
+            for cmd in commands_of(cell):
+                logf.write("$ " + shlex.join(cmd) + "\n")
+                logf.flush()
+                rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT)
+                if rc != 0:
+                    error = f"exit {rc}: {shlex.join(cmd[:4])} ... (see {log_path})"
+                    break
+        if not error and not is_done(sweep_dir, cell, probe):
+            error = "commands succeeded but eval/metrics.json, eval/predictions.csv" + (
+                " or probe/probe.json" if probe else "") + " is missing"
+        if error:
+            write_status(sweep_dir, cell, {"state": "failed", "attempts": attempts, "error": error})
+            log(f"[sweep] {cell.rel}: FAILED ({error})")
+            result["failed"].append(cell)
+        else:
+            write_status(sweep_dir, cell, {"state": "done", "attempts": attempts,
+                                           "finished": time.time()})
+            log(f"[sweep] {cell.rel}: done")
+            result["done"].append(cell)
+    return result
+
+
+def job_script(cell: Cell, cmds: list[list[str]]) -> str:
+    """A bash script running one cell, for launch/ (GPU node, SLURM, TPU pod)."""
+    lines = ["#!/usr/bin/env bash", "set -euo pipefail", f"# cell {cell.rel}"]
+    lines += [shlex.join(c) for c in cmds]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,64 @@
+"""Writes a study's report directory: Markdown, CSV and PNGs, each file atomically."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from typing import Sequence
+
+from xft_jax.study import plots, tables
+from xft_jax.study.grid import Cell, cells
+
+
+def _atomic_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def grid_of(sweep_dir: str) -> dict:
+    """The grid recorded by the sweep (sweep.json), so the report needs no flags."""
+    path = os.path.join(sweep_dir, "sweep.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found; pass the grid (sources, axes, variants, "
+                                f"seeds) explicitly or run the sweep first")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_report(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Sequence[str],
+                 variants: Sequence[str], seeds: Sequence[int], n_boot: int = 2000,
+                 probe_summary=None) -> str:
+    """Builds every table and figure; returns the Markdown text (also written)."""
+    os.makedirs(out_dir, exist_ok=True)
+    settings = [(s, a) for s in sources for a in axes]
+    results = tables.collect(sweep_dir, cells(sources, axes, variants, seeds))
+    data = tables.build_tables(results, settings, variants, seeds, n_boot)
+    parts = [f"# Results: {len(results)} of {len(settings) * len(variants) * len(seeds)} runs "
+             f"found in {sweep_dir}", "",
+             f"Seeds: {list(seeds)}. Cells: mean ± std over seeds; 'missing' = no finished run.",
+             "", "## Accuracy", "", tables.markdown_table(data, "accuracy", settings, variants),
+             "", f"## Accuracy difference to {tables.BASELINE} (paired bootstrap 95% CI)", "",
+             tables.markdown_diffs(data, settings, variants)]
+    for m in tables.TABLE_METRICS[1:]:
+        parts += ["", f"## {m}", "", tables.markdown_table(data, m, settings, variants)]
+    plots.accuracy_bars(data, settings, variants, os.path.join(out_dir, "accuracy.png"))
+    plots.difference_intervals(data, settings, variants, os.path.join(out_dir, "differences.png"))
+    if probe_summary is not None:
+        parts += ["", probe_summary(sweep_dir, out_dir, sources, axes, variants, seeds)]
+    text = "\n".join(parts) + "\n"
+    _atomic_text(os.path.join(out_dir, "report.md"), text)
+    rows = tables.csv_rows(data, settings, variants)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, os.path.join(out_dir, "results.csv"))
+    return text
+
+
+__all__ = ["write_report", "grid_of", "Cell"]
