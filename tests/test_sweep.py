@@ -1,0 +1,66 @@
+"""The sweep: the dry run lists the full grid; re-runs skip finished cells."""
+
+import json
+import os
+import subprocess
+import sys
+
+from xft_jax.study import grid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dry_run_lists_every_cell(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
+         f"--sweep_dir={tmp_path}", "--dry_run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    cells = [l for l in out.splitlines() if l.startswith("# ")]
+    assert len(cells) == 6 * 3 * 4 * 3
+    assert len(set(cells)) == len(cells)
+    assert sum("-m xft_jax.train " in l for l in out.splitlines()) == 216
+    assert "216 cells = 6 sources x 3 axes x 4 variants x 3 seeds" in out
+    out5 = subprocess.run(
+        [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py:all_variants",
+         f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=(0,1)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "180 cells = 6 sources x 3 axes x 5 variants x 2 seeds" in out5
+
+
+FAKE_RUN = """
+import json, os, sys
+root = sys.argv[1]
+os.makedirs(os.path.join(root, "eval"), exist_ok=True)
+os.makedirs(os.path.join(root, "probe"), exist_ok=True)
+with open(os.path.join(root, "calls"), "a") as f:
+    f.write("x\\n")
+if os.path.exists(os.path.join(root, "FAIL")):
+    sys.exit(3)
+json.dump({"accuracy": 0.5}, open(os.path.join(root, "eval", "metrics.json"), "w"))
+open(os.path.join(root, "eval", "predictions.csv"), "w").write("id,gold,predicted\\na,1,1\\n")
+json.dump({}, open(os.path.join(root, "probe", "probe.json"), "w"))
+"""
+
+
+def test_rerun_skips_finished_and_retries_failed(tmp_path):
+    sweep = str(tmp_path)
+    cells = grid.cells(["coqa"], ["naturalness", "on_topic"], ["label_only", "explanation"], [0])
+
+    def commands_of(cell):
+        return [[sys.executable, "-c", FAKE_RUN, os.path.join(sweep, cell.rel)]]
+
+    bad = cells[1]
+    os.makedirs(os.path.join(sweep, bad.rel))
+    open(os.path.join(sweep, bad.rel, "FAIL"), "w").close()
+    r1 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
+    assert len(r1["done"]) == 3 and r1["failed"] == [bad]
+    assert json.load(open(os.path.join(sweep, bad.rel, "status.json")))["state"] == "failed"
+    r2 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
+    assert len(r2["skipped"]) == 3 and r2["failed"] == [bad]
+    os.remove(os.path.join(sweep, bad.rel, "FAIL"))
+    r3 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
+    assert r3["failed"] == [bad]  # two attempts used up: listed, not retried
+    calls = {c.rel: len(open(os.path.join(sweep, c.rel, "calls")).read().split()) for c in cells}
+    assert calls[bad.rel] == 2 and all(n == 1 for rel, n in calls.items() if rel != bad.rel)
+    r4 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=3, log=lambda *_: None)
+    assert r4["done"] == [bad] and len(r4["skipped"]) == 3

@@ -1,0 +1,92 @@
+"""The study's sweep: one train + evaluate (+ probe) run per grid cell.
+
+    python -m xft_jax.sweep --config=configs/paper.py --sweep_dir=runs/paper [--dry_run]
+
+Finished cells are skipped on re-runs, failed ones retried (up to config.max_attempts)
+and listed. With a launcher other than 'local', one job script per pending cell is
+written under <sweep_dir>/jobs and submitted through launch/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from xft_jax.study import grid
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Sweep config.")
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of all cells.", required=True)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the cells and their commands only.")
+
+LAUNCHERS = {"gpu_node": "launch/gpu_node.sh", "slurm": "launch/slurm.sbatch",
+             "tpu_pod": "launch/tpu_pod.sh"}
+
+
+def main(argv):
+    del argv
+    c = _CONFIG.value
+    sweep_dir = _SWEEP_DIR.value
+    cell_list = grid.cells(c.sources, c.axes, c.variants, c.seeds)
+
+    def commands_of(cell):
+        return grid.cell_commands(cell, sweep_dir, c.train_config, c.data_path,
+                                  list(c.overrides), c.probe)
+
+    if _DRY_RUN.value:
+        for cell in cell_list:
+            state = "done" if grid.is_done(sweep_dir, cell, c.probe) else "pending"
+            print(f"# {cell.rel} [{state}]")
+            for cmd in commands_of(cell):
+                print(shlex.join(cmd))
+        print(f"{len(cell_list)} cells = {len(c.sources)} sources x {len(c.axes)} axes x "
+              f"{len(c.variants)} variants x {len(c.seeds)} seeds")
+        return
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(os.path.join(sweep_dir, "sweep.json"), "w", encoding="utf-8") as f:
+        json.dump({"sources": list(c.sources), "axes": list(c.axes),
+                   "variants": list(c.variants), "seeds": list(c.seeds),
+                   "probe": bool(c.probe), "train_config": c.train_config}, f, indent=2)
+    if c.launcher == "local":
+        result = grid.run_local(cell_list, sweep_dir, commands_of, c.probe, c.max_attempts,
+                                log=logging.info)
+    elif c.launcher in LAUNCHERS:
+        result = submit_jobs(cell_list, sweep_dir, commands_of, c.probe, LAUNCHERS[c.launcher])
+    else:
+        raise ValueError(f"config.launcher={c.launcher!r}; expected local or one of "
+                         f"{sorted(LAUNCHERS)}")
+    summary = {k: [cell.rel for cell in v] for k, v in result.items()}
+    print(json.dumps({k: len(v) for k, v in summary.items()}))
+    for rel in summary.get("failed", []):
+        print(f"FAILED {rel}")
+    if summary.get("failed"):
+        sys.exit(1)
+
+
+def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher):
+    jobs = os.path.join(sweep_dir, "jobs")
+    os.makedirs(jobs, exist_ok=True)
+    result = {"submitted": [], "skipped": []}
+    for cell in cell_list:
+        if grid.is_done(sweep_dir, cell, probe):
+            result["skipped"].append(cell)
+            continue
+        script = os.path.join(jobs, cell.rel.replace(os.sep, "__") + ".sh")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(grid.job_script(cell, commands_of(cell)))
+        os.chmod(script, 0o755)
+        cmd = (["sbatch", launcher, "bash", script] if launcher.endswith(".sbatch")
+               else ["bash", launcher, "bash", script])
+        logging.info("submitting %s", shlex.join(cmd))
+        subprocess.run(cmd, check=True)
+        result["submitted"].append(cell)
+    return result
+
+
+if __name__ == "__main__":
+    app.run(main)
