@@ -174,8 +174,11 @@ def param_shardings(mesh: Mesh, params: dict, prefix: Sequence[str] = (), rules=
     or, with ``prefix=('lora',)``, ``model.lora_params()``: jit in/out_shardings."""
     def one(path, x):
         keys = tuple(prefix) + _keys(path)
+        if hasattr(x, "shardings_for"):  # a quantised weight: its parts shard like it
+            return x.shardings_for(mesh, _leaf_axes(keys), rules)
         return named_sharding(mesh, _leaf_axes(keys), x.shape, rules)
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(
+        one, params, is_leaf=lambda x: hasattr(x, "shardings_for"))
 
 
 def model_shardings(mesh: Mesh, model_or_state, rules=None):
@@ -192,7 +195,9 @@ def model_shardings(mesh: Mesh, model_or_state, rules=None):
     for path, var in nnx.to_flat_state(state):
         keys = _keys(path)
         value = var.get_value() if hasattr(var, "get_value") else var
-        if isinstance(var, (nnx.Param, nnx.LoRAParam)):
+        if hasattr(value, "shardings_for"):   # a quantised weight
+            sh = value.shardings_for(mesh, _leaf_axes(keys), rules)
+        elif isinstance(var, (nnx.Param, nnx.LoRAParam)):
             sh = named_sharding(mesh, _leaf_axes(keys), np.shape(value), rules)
         else:
             sh = NamedSharding(mesh, P())
@@ -249,6 +254,10 @@ def process_batch_slice(mesh: Mesh, global_batch: int) -> slice:
     same slice and must feed identical data.
     """
     sh = batch_sharding(mesh, "input_ids", 2)
+    ways = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(sh.spec))]))
+    if global_batch % ways:
+        raise ValueError(f"global batch size {global_batch} does not divide over the "
+                         f"{ways} batch shards of mesh {dict(mesh.shape)} (data x fsdp)")
     idx = sh.addressable_devices_indices_map((global_batch, 1))
     rows = sorted({(s[0].indices(global_batch)[:2]) for s in idx.values()})
     lo, hi = rows[0][0], rows[-1][1]

@@ -116,12 +116,11 @@ def _read_tensor(f: SafetensorsFile, name: str, leaf: str, index, shape, np_dtyp
     """The slice ``index`` (over OUR layout: [in, out] when transposed) of one HF tensor."""
     norm = tuple(slice(*s.indices(n)) for s, n in zip(
         tuple(index) + (slice(None),) * (len(shape) - len(index)), shape))
-    if leaf in TRANSPOSED:
-        rows = f.read_rows(name, norm[1])          # HF [out, in]: rows = our out dim
-        part = rows[:, norm[0]].T
+    # read_block reads only this shard's columns, so each host reads only its own part
+    if leaf in TRANSPOSED:                         # HF [out, in]: rows = our out dim
+        part = f.read_block(name, norm[1], norm[0]).T
     else:
-        rows = f.read_rows(name, norm[0])
-        part = rows[(slice(None),) + norm[1:]] if len(norm) > 1 else rows
+        part = f.read_block(name, norm[0], norm[1] if len(norm) > 1 else None)
     return np.ascontiguousarray(part, dtype=np_dtype)
 
 
@@ -130,19 +129,25 @@ def _set_layer(stacked, layer, i):
     return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
 
 
-def _load_leaf(files, keys, shape, shard, np_dtype):
+def _load_leaf(files, keys, shape, shard, np_dtype, layer_transform=None):
     """One parameter as a device array. A stacked layer leaf is filled one layer at a time
-    into a donated device buffer, so the host never stages more than one layer."""
+    into a donated device buffer, so the host never stages more than one layer.
+    ``layer_transform(keys, layer)`` (quantisation) maps each layer as it is read; its
+    result (any pytree) is stacked instead."""
     leaf = keys[-1]
     if keys[0] != "layers":
         name = HF_TOP_NAMES[leaf]
-        return jax.make_array_from_callback(
+        arr = jax.make_array_from_callback(
             shape, shard, lambda idx: _read_tensor(files[name], name, leaf, idx, shape, np_dtype))
+        return arr if layer_transform is None else layer_transform(tuple(keys), arr)
     if isinstance(shard, NamedSharding):
         spec = tuple(shard.spec) + (None,) * (len(shape) - len(shard.spec))
         layer_shard = NamedSharding(shard.mesh, P(*spec[1:]))
     else:
         layer_shard = shard
+    if layer_transform is not None:
+        return _load_transformed_layers(files, keys, shape, layer_shard, np_dtype,
+                                        layer_transform)
     stacked = jax.jit(lambda: jnp.zeros(shape, np_dtype), out_shardings=shard)()
     for i in range(shape[0]):
         name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
@@ -154,16 +159,53 @@ def _load_leaf(files, keys, shape, shard, np_dtype):
     return stacked
 
 
+def _stacked_sharding(s):
+    if isinstance(s, NamedSharding):
+        return NamedSharding(s.mesh, P(None, *s.spec))
+    return s
+
+
+def _load_transformed_layers(files, keys, shape, layer_shard, np_dtype, transform):
+    """Like the stacked path of ``_load_leaf``, each layer mapped by ``transform`` before
+    it is written into per-child stacked buffers (the dense layer is dropped at once)."""
+    leaf, stacked = keys[-1], None
+    for i in range(shape[0]):
+        name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
+        layer = jax.make_array_from_callback(
+            shape[1:], layer_shard,
+            lambda idx, name=name: _read_tensor(files[name], name, leaf, idx, shape[1:], np_dtype))
+        out = transform(tuple(keys), layer)
+        del layer
+        if stacked is None:
+            shapes = jax.tree.map(lambda x: ((shape[0],) + x.shape, x.dtype), out)
+            shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
+            stacked = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(*x), shapes,
+                                                   is_leaf=lambda x: isinstance(x, tuple)),
+                              out_shardings=shards)()
+        stacked = _set_layer_tree(stacked, out, i)
+        jax.block_until_ready(stacked)
+    return stacked
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer_tree(stacked, layer, i):
+    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0),
+                        stacked, layer)
+
+
 def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
                     compute_dtype=None, remat: str = "none",
                     attention_impl: str | None = None,
-                    leaf_transform: Callable | None = None) -> Decoder:
+                    leaf_transform: Callable | None = None,
+                    quantization=None, quant_block: int = 64) -> Decoder:
     """A Decoder with weights streamed from an HF safetensors checkpoint directory.
 
     dtype: parameter dtype (source tensors in any float dtype are cast on read).
     compute_dtype: activation dtype (defaults to ``dtype``).
     mesh: place every parameter with its logical-axis sharding over this mesh.
     leaf_transform(keys, array) -> array: applied per leaf after placement (quantisation).
+    quantization: 'none' | 'nf4' | 'int8' | ``quantization.QuantConfig``: linear weights
+      are quantised layer by layer as they are read (``quant_block`` rows per scale).
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
@@ -194,6 +236,11 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
                                               attention_impl=attention_impl))
     graphdef, state = nnx.split(abstract)
     np_dtype = np.dtype(jnp.dtype(dtype))
+    layer_transform = None
+    if quantization is not None and str(getattr(quantization, "kind", quantization)) != "none":
+        from xft_jax import quantization as quant_lib   # imports this package
+        layer_transform = quant_lib.layer_transform(quant_lib.as_config(quantization,
+                                                                        quant_block))
     flat = []
     for p, var in nnx.to_flat_state(state):
         keys = [str(getattr(k, "key", k)) for k in p]
@@ -202,10 +249,10 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             shard = sharding.named_sharding(mesh, leaf_axes(tuple(keys)), shape)
         else:
             shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        arr = _load_leaf(files, keys, shape, shard, np_dtype)
+        arr = _load_leaf(files, keys, shape, shard, np_dtype, layer_transform)
         # Wait for the transfer so each host staging buffer is freed before the next
         # leaf's is filled: without it, in-flight copies pile up on the host.
-        arr.block_until_ready()
+        jax.block_until_ready(arr)
         if leaf_transform is not None:
             arr = leaf_transform(tuple(keys), arr)
         flat.append((p, arr))

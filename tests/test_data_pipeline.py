@@ -1,0 +1,263 @@
+"""Tokenised batches with the real Mistral tokenizer: masks, packing, truncation, resume."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+
+from xft_jax.data import synthetic
+from xft_jax.data.encode import label_token_ids, prompt_parts
+from xft_jax.data.pipeline import make_batches
+from xft_jax.data.schema import Conversation, RatedExample
+from xft_jax.data.targets import ExplanationVocab, make_target
+
+DIGITS = [28740, 28750, 28770, 28781, 28782]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return synthetic.generate(40, seed=5)
+
+
+def segments(batch, row):
+    seg = batch["segment_ids"][row]
+    return [np.flatnonzero(seg == s) for s in range(1, seg.max() + 1)]
+
+
+def check_contract(batch, tok, by_target, variant="explanation"):
+    """Every segment: shifted targets, masks on exactly the target text, one label."""
+    b, t = batch["input_ids"].shape
+    for k, dt in (("input_ids", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
+                  ("label_mask", np.float32), ("segment_ids", np.int32),
+                  ("positions", np.int32)):
+        assert batch[k].dtype == dt and batch[k].shape == (b, t), k
+    seen = []
+    for row in range(b):
+        pad = batch["segment_ids"][row] == 0
+        assert not batch["loss_mask"][row][pad].any() and not batch["label_mask"][row][pad].any()
+        for idx in segments(batch, row):
+            assert (np.diff(idx) == 1).all()
+            ids, tg = batch["input_ids"][row][idx], batch["targets"][row][idx]
+            assert (tg[:-1] == ids[1:]).all()  # targets[t] = input_ids[t+1]
+            assert (batch["positions"][row][idx] == np.arange(len(idx))).all()
+            assert ids[0] == tok.bos_token_id and tg[-1] == tok.eos_token_id
+            lm, lab = batch["loss_mask"][row][idx], batch["label_mask"][row][idx]
+            first = int(np.flatnonzero(lm)[0])
+            assert lm[first:].all() and not lm[:first].any()  # prompt never in the loss
+            assert lab.sum() == 1 and lm[lab == 1].all()
+            digit = int(tg[lab == 1][0])
+            assert digit in DIGITS
+            text = tok.decode(tg[lm == 1], skip_special_tokens=True)
+            prompt = tok.decode(ids[:first + 1], skip_special_tokens=True)
+            match = [e for e in by_target[text] if e.conversation.response in prompt]
+            assert len(match) == 1, text
+            ex = match[0]
+            assert ex.label("naturalness") == DIGITS.index(digit) + 1
+            # the label is the first target token after the fixed prefix ▁Rating : ▁
+            assert first + 3 == int(np.flatnonzero(lab)[0])
+            seen.append(ex.id)
+    return seen
+
+
+def targets_index(examples, variant, axis="naturalness", vocab=None, seed=0):
+    """target text -> the examples with that target (label_only targets repeat)."""
+    out = {}
+    for ex in examples:
+        out.setdefault(make_target(ex, axis, variant, seed=seed, vocab=vocab), []).append(ex)
+    return out
+
+
+def test_label_token_ids_real_mistral(mistral_tokenizer):
+    assert label_token_ids(mistral_tokenizer) == DIGITS
+    assert mistral_tokenizer("Rating: 4")["input_ids"] == [1, 25181, 28747, 28705, 28781]
+
+
+class MergingTokenizer:
+    """Wraps the real tokenizer but fuses '▁' and '3' into one piece, as some vocabularies do."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, text, **kw):
+        out = self.tok(text, **kw)
+        ids = out["input_ids"]
+        if text.endswith(": 3"):
+            ids = ids[:-2] + [28770]
+        return {"input_ids": ids}
+
+    def convert_ids_to_tokens(self, ids):
+        return self.tok.convert_ids_to_tokens(ids)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def test_label_token_ids_fails_loudly(mistral_tokenizer):
+    with pytest.raises(ValueError, match="label 3 is not a single token"):
+        label_token_ids(MergingTokenizer(mistral_tokenizer))
+
+
+@pytest.mark.parametrize("variant", ["label_only", "explanation", "bag_of_words"])
+def test_padded_train_batches_obey_contract(examples, mistral_tokenizer, variant):
+    batches = make_batches(examples, mistral_tokenizer, axis="naturalness", variant=variant,
+                           max_len=384, batch_size=4, seed=0, num_epochs=1,
+                           process_index=0, process_count=1)
+    assert batches.stats.kept == 40 and batches.stats.dropped == 0
+    assert batches.num_batches == 10 and batches.label_token_ids == DIGITS
+    index = targets_index(examples, variant)
+    seen = []
+    for batch in batches:
+        assert batch["input_ids"].shape == (4, 384) and "label_pos" not in batch
+        seen += check_contract(batch, mistral_tokenizer, index, variant)
+    assert sorted(seen) == sorted(ex.id for ex in examples)  # one epoch, each once
+
+
+def test_packed_batches(examples, mistral_tokenizer):
+    vocab = ExplanationVocab.from_examples(examples, "naturalness")
+    batches = make_batches(examples, mistral_tokenizer, axis="naturalness",
+                           variant="random_vocab", max_len=1024, batch_size=2, seed=1,
+                           pack=True, num_epochs=1, vocab=vocab, process_index=0,
+                           process_count=1)
+    index = targets_index(examples, "random_vocab", vocab=vocab, seed=1)
+    seen, rows, per_row = [], 0, []
+    for batch in batches:
+        seen += check_contract(batch, mistral_tokenizer, index)
+        rows += 2
+        per_row += [int(batch["segment_ids"][r].max()) for r in range(2)]
+    assert max(per_row) >= 3  # several examples share a row
+    assert len(seen) == len(set(seen)) and len(seen) >= 30  # no repeats; tail may be dropped
+
+
+def test_truncation_from_the_left_and_drops(mistral_tokenizer):
+    base = synthetic.generate(3, seed=0)
+    long_ctx = tuple(("User", f"turn {i} " + "blah " * 30) for i in range(30))
+    long_resp = "word " * 600
+    exs = [dataclasses.replace(base[0], conversation=dataclasses.replace(
+               base[0].conversation, context=long_ctx)),
+           dataclasses.replace(base[1], conversation=dataclasses.replace(
+               base[1].conversation, response=long_resp.strip())),
+           base[2]]
+    batches = make_batches(exs, mistral_tokenizer, axis="on_topic", variant="explanation",
+                           max_len=320, batch_size=2, train=False, process_index=0,
+                           process_count=1)
+    st = batches.stats
+    assert (st.total, st.kept, st.truncated, st.dropped) == (3, 2, 1, 1)
+    assert st.dropped_ids == [exs[1].id] and batches.example_ids == [exs[0].id, exs[2].id]
+    batch = next(iter(batches))
+    n = int((batch["segment_ids"][0] > 0).sum())
+    assert n == 320  # cut to fit exactly
+    text = mistral_tokenizer.decode(batch["input_ids"][0][:n])
+    assert "turn 29 blah" in text and "turn 0 " not in text  # oldest turns went first
+    head, _, tail = prompt_parts(exs[0], "on_topic")
+    assert text.startswith("<s> " + head.split("\n")[0]) and tail.strip() in text
+    lm = batch["loss_mask"][0] == 1
+    assert mistral_tokenizer.decode(batch["targets"][0][lm], skip_special_tokens=True) == \
+        make_target(exs[0], "on_topic", "explanation")
+
+
+def test_eval_batches_count_every_example_once_across_hosts(examples, mistral_tokenizer):
+    exs = examples[:13]
+    got = {}
+    for host in range(2):
+        batches = make_batches(exs, mistral_tokenizer, axis="comprehensiveness",
+                               variant="label_only", max_len=384, batch_size=4, train=False,
+                               process_index=host, process_count=2, buckets=[128, 256, 384])
+        out = list(batches)
+        assert len(out) == batches.num_batches == 2  # ceil(ceil(13/2)/4), same on both hosts
+        for batch in out:
+            assert batch["input_ids"].shape[1] in (128, 256, 384)
+            for r in range(4):
+                if not batch["valid"][r]:
+                    assert batch["label"][r] == -1 and batch["example_index"][r] == -1
+                    assert batch["segment_ids"][r].sum() == 0
+                    continue
+                ex_id = batches.example_ids[batch["example_index"][r]]
+                assert ex_id not in got
+                got[ex_id] = (int(batch["label"][r]), int(batch["label_pos"][r]))
+                pos = batch["label_pos"][r]
+                assert batch["label_mask"][r][pos] == 1 and batch["label_mask"][r].sum() == 1
+                assert batch["targets"][r][pos] == DIGITS[batch["label"][r]]
+    assert sorted(got) == sorted(ex.id for ex in exs)
+    for ex in exs:
+        assert got[ex.id][0] == ex.label("comprehensiveness") - 1
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_sees_exactly_the_same_batches(examples, mistral_tokenizer, pack):
+    def build():
+        return make_batches(examples, mistral_tokenizer, axis="on_topic", variant="shuffled",
+                            max_len=640 if pack else 384, batch_size=3, seed=11, pack=pack,
+                            process_index=0, process_count=1)
+
+    it = iter(build())
+    for _ in range(5):
+        next(it)
+    state = copy.deepcopy(it.get_state())
+    expected = [next(it) for _ in range(12)]  # crosses an epoch boundary
+    resumed = iter(build())
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        assert want.keys() == got.keys()
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_shuffle_seed_and_host_slices(examples, mistral_tokenizer):
+    def first_ids(seed, host, count=2):
+        b = make_batches(examples, mistral_tokenizer, axis="on_topic", variant="label_only",
+                         max_len=384, batch_size=4, seed=seed, num_epochs=1,
+                         process_index=host, process_count=count)
+        return [tuple(x["input_ids"][:, :200].ravel()) for x in b]
+
+    assert first_ids(0, 0) == first_ids(0, 0)
+    assert first_ids(0, 0) != first_ids(1, 0)
+    h0 = {r for batch in first_ids(0, 0) for r in [batch]}
+    h1 = {r for batch in first_ids(0, 1) for r in [batch]}
+    assert not h0 & h1
+    eval_b = make_batches(examples, mistral_tokenizer, axis="on_topic", max_len=384,
+                          batch_size=8, train=False, process_index=0, process_count=1)
+    assert list(next(iter(eval_b))["example_index"]) == list(range(8))  # eval: input order
+    with pytest.raises(ValueError, match="pack=False"):
+        make_batches(examples, mistral_tokenizer, axis="on_topic", max_len=384,
+                     batch_size=2, train=False, pack=True, process_index=0, process_count=1)
+
+
+def test_chat_template_and_tfds_records(examples, mistral_tokenizer, tmp_path):
+    tok = copy.copy(mistral_tokenizer)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} "
+                         "[/INST]{% endfor %}")
+    b = make_batches(examples[:4], tok, axis="naturalness", variant="explanation",
+                     max_len=384, batch_size=4, train=False, process_index=0, process_count=1)
+    batch = next(iter(b))
+    check_contract(batch, tok, targets_index(examples[:4], "explanation"))
+    text = tok.decode(batch["input_ids"][0])
+    assert text.startswith("<s> [INST] Rate the response") and "[/INST]" in text
+    short = make_batches(examples[:4], tok, axis="naturalness", variant="label_only",
+                         max_len=150, batch_size=4, train=False, process_index=0,
+                         process_count=1)
+    assert short.stats.truncated + short.stats.dropped > 0
+    for batch in short:
+        assert batch["input_ids"].shape[1] == 150
+    # records from a TFDS data source give the same batches as the RatedExamples
+    from xft_jax.data import export, tfds_builder
+    export.export(str(tmp_path), "synthetic", examples[:6], examples[6:8], {})
+    src = tfds_builder.load(str(tmp_path / "tfds"), "synthetic")
+    as_list = [tfds_builder.record_to_example(src["train"][i]) for i in range(6)]
+    assert sorted(as_list, key=lambda e: e.id) == sorted(examples[:6], key=lambda e: e.id)
+    a = make_batches(src["train"], mistral_tokenizer, axis="on_topic", max_len=384,
+                     batch_size=6, train=False, process_index=0, process_count=1)
+    c = make_batches(as_list, mistral_tokenizer, axis="on_topic", max_len=384,
+                     batch_size=6, train=False, process_index=0, process_count=1)
+    for x, y in zip(a, c):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+
+
+def test_no_context_example(mistral_tokenizer):
+    ex = synthetic.generate(1, seed=0)[0]
+    ex = RatedExample(Conversation("x:1", "x", (), "Sure."), ex.ratings)
+    b = make_batches([ex], mistral_tokenizer, axis="naturalness", max_len=256, batch_size=1,
+                     train=False, process_index=0, process_count=1)
+    batch = next(iter(b))
+    assert batch["valid"][0] == 1 and b.stats.kept == 1

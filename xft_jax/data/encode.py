@@ -1,0 +1,174 @@
+"""Prompt template and tokenisation of one rated example into next-token training arrays.
+
+A sequence is ``[bos] prompt target [eos]``; the arrays are ``input_ids = seq[:-1]`` and
+``targets = seq[1:]``. ``loss_mask`` is 1 where ``targets`` is a target token (the label,
+the explanation and the closing eos), ``label_mask`` 1 only where ``targets`` is the label
+digit. The prompt is built from three separately tokenised pieces (instructions +
+rubric, the context turns, the response + question) so the context can be cut from the
+left, token-exactly, when the whole does not fit ``max_len``; the response and the target
+are never cut. Tokenizers with a chat template get the prompt as one user message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from xft_jax.data import rubrics
+from xft_jax.data.schema import RatedExample, check_axis
+from xft_jax.data.targets import LABEL_PREFIX, ExplanationVocab, make_target
+
+SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "label_mask")
+
+
+def prompt_parts(example: RatedExample, axis: str) -> tuple[str, str, str]:
+    """(head, context, tail) of the rating prompt; only ``context`` may be truncated."""
+    check_axis(axis)
+    conv = example.conversation
+    head = ("Rate the response that ends this conversation.\n"
+            f"{rubrics.rubric(axis, 5)}\n\nConversation:\n")
+    context = "".join(f"{speaker}: {text}\n" for speaker, text in conv.context)
+    tail = (f"\nResponse:\n{conv.response}\n\n"
+            f"How would you rate the {axis.replace('_', '-')} of the response, from 1 to 5?\n")
+    return head, context, tail
+
+
+def label_token_ids(tokenizer) -> list[int]:
+    """The five token ids that carry the digits "1".."5" in ``LABEL_PREFIX`` + digit.
+
+    Derived from how the target template really tokenises (for Mistral "Rating: 4" is
+    ``▁Rating : ▁ 4`` and the label token is "4", not "▁4"). Raises if the five
+    tokenisations do not share one prefix and end in exactly one digit token each.
+    """
+    seqs = [tokenizer(f"{LABEL_PREFIX}{d}", add_special_tokens=False)["input_ids"]
+            for d in range(1, 6)]
+    prefix = seqs[0][:-1]
+    out = []
+    for d, ids in enumerate(seqs, start=1):
+        if len(ids) != len(prefix) + 1 or ids[:-1] != prefix:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"label {d} is not a single token after the prefix "
+                             f"{LABEL_PREFIX!r}: {LABEL_PREFIX + str(d)!r} -> {pieces}")
+        if tokenizer.decode([ids[-1]]).strip() != str(d):
+            raise ValueError(f"label token {ids[-1]} decodes to "
+                             f"{tokenizer.decode([ids[-1]])!r}, not {str(d)!r}")
+        out.append(ids[-1])
+    if len(set(out)) != 5:
+        raise ValueError(f"label tokens are not distinct: {out}")
+    return out
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    """How many examples were encoded, had their context cut, or did not fit at all."""
+
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_ids: list = dataclasses.field(default_factory=list)
+    max_len: int = 0
+    mean_tokens: float = 0.0
+    max_tokens: int = 0
+    mean_target_tokens: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Encoder:
+    """Encodes ``RatedExample``s for one axis and target variant at a fixed ``max_len``."""
+
+    def __init__(self, tokenizer, *, axis: str, variant: str, max_len: int, seed: int = 0,
+                 vocab: ExplanationVocab | None = None):
+        self.tok = tokenizer
+        self.axis, self.variant = check_axis(axis), variant
+        self.max_len, self.seed, self.vocab = int(max_len), seed, vocab
+        self.label_ids = label_token_ids(tokenizer)
+        self.prefix_ids = tokenizer(LABEL_PREFIX + "1", add_special_tokens=False)["input_ids"][:-1]
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no eos token; targets must end with one")
+        self.eos = int(tokenizer.eos_token_id)
+        self.bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def _chat_prompt(self, head: str, ctx_ids: list[int], tail: str, budget: int):
+        """Chat-template prompt ids, cutting context from the left to fit ``budget``."""
+        keep = len(ctx_ids)
+        for _ in range(8):
+            ctx = self.tok.decode(ctx_ids[len(ctx_ids) - keep:]) if keep else ""
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": head + ctx + tail}], tokenize=False,
+                add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            over = len(ids) - budget
+            if over <= 0:
+                return ids, keep < len(ctx_ids)
+            if keep == 0:
+                return None, True
+            keep = max(0, keep - over)
+        return None, True
+
+    def encode_all(self, examples: Sequence[RatedExample]) -> tuple[list[dict], EncodeStats]:
+        """Encodes every example; returns the ones that fit, in order, and the stats."""
+        stats = EncodeStats(total=len(examples), max_len=self.max_len)
+        parts = [prompt_parts(ex, self.axis) for ex in examples]
+        heads = self._ids(sorted({p[0] for p in parts}))
+        head_ids = dict(zip(sorted({p[0] for p in parts}), heads))
+        ctx_ids = self._ids([p[1] for p in parts])
+        tail_ids = self._ids([p[2] for p in parts])
+        tgt_texts = [make_target(ex, self.axis, self.variant, seed=self.seed, vocab=self.vocab)
+                     for ex in examples]
+        tgt_ids = self._ids(tgt_texts)
+        out, lengths, tlens = [], [], []
+        for i, ex in enumerate(examples):
+            label = ex.label(self.axis)
+            target = tgt_ids[i] + [self.eos]
+            want = self.prefix_ids + [self.label_ids[label - 1]]
+            if target[:len(want)] != want:
+                raise ValueError(
+                    f"example {ex.id!r}: target {tgt_texts[i][:40]!r} does not start with the "
+                    f"label tokens {want}; got {target[:len(want)]}")
+            budget = self.max_len + 1 - len(target)  # prompt length that still fits
+            if self.chat:
+                prompt, cut = self._chat_prompt(parts[i][0], ctx_ids[i], parts[i][2], budget)
+            else:
+                fixed = self.bos + head_ids[parts[i][0]]
+                ctx, tail = ctx_ids[i], tail_ids[i]
+                keep = budget - len(fixed) - len(tail)
+                cut = keep < len(ctx)
+                prompt = None if keep < 0 else fixed + ctx[len(ctx) - min(keep, len(ctx)):] + tail
+            if prompt is None:
+                stats.dropped += 1
+                if len(stats.dropped_ids) < 100:
+                    stats.dropped_ids.append(ex.id)
+                continue
+            stats.truncated += int(cut)
+            out.append(self._arrays(prompt, target, label, i))
+            lengths.append(len(prompt) + len(target) - 1)
+            tlens.append(len(target))
+        stats.kept = len(out)
+        if out:
+            stats.mean_tokens = float(np.mean(lengths))
+            stats.max_tokens = int(np.max(lengths))
+            stats.mean_target_tokens = float(np.mean(tlens))
+        return out, stats
+
+    def _arrays(self, prompt: list[int], target: list[int], label: int, index: int) -> dict:
+        seq = np.asarray(prompt + target, dtype=np.int32)
+        n = len(seq) - 1
+        loss_mask = np.zeros(n, np.float32)
+        loss_mask[len(prompt) - 1:] = 1.0
+        label_pos = len(prompt) - 1 + len(self.prefix_ids)
+        label_mask = np.zeros(n, np.float32)
+        label_mask[label_pos] = 1.0
+        return {"input_ids": seq[:-1], "targets": seq[1:], "loss_mask": loss_mask,
+                "label_mask": label_mask, "label": np.int32(label - 1),
+                "label_pos": np.int32(label_pos), "index": np.int32(index)}
