@@ -75,3 +75,35 @@ def test_bad_prediction_row_names_file_and_line(tmp_path):
         f.write("ex9,three,1\n")
     with pytest.raises(ValueError, match=r"predictions\.csv:4: bad prediction row"):
         tables.load_cell(str(tmp_path), cell)
+
+
+def test_probe_summary_by_hand(tmp_path):
+    from xft_jax.study import probe_summary
+
+    root = str(tmp_path)
+    curves = {}
+    for v, shift in (("label_only", 0.0), ("explanation", 0.5)):
+        for k in (0, 1):
+            cell = grid.Cell("coqa", "naturalness", v, k)
+            d = os.path.join(root, cell.rel, "probe")
+            os.makedirs(d)
+            act = [1.0 + shift + 0.1 * k + 0.01 * layer for layer in range(7)]  # 6 layers
+            mass = [0.1 * layer + shift / 10 for layer in range(7)]
+            curves[(v, k)] = (act, mass)
+            summary = {m: {"mean": act if m.startswith("act") else mass, "std": [0.0] * 7}
+                       for m in ("act_entropy", "act_entropy_prompt", "lens_entropy",
+                                 "lens_label_mass", "lens_label_entropy", "attn_entropy")}
+            with open(os.path.join(d, "probe.json"), "w") as f:
+                json.dump({"runs": [{"summary": summary}]}, f)
+    out = os.path.join(root, "report")
+    os.makedirs(out)
+    text = probe_summary.summarize(root, out, ["coqa"], ["naturalness"],
+                                   ["label_only", "explanation", "shuffled"], [0, 1])
+    assert probe_summary.middle_layers(7) == slice(3, 5)  # layers 3 and 4 of 1..6
+    for v in ("label_only", "explanation"):
+        mid = np.array([np.mean(curves[(v, k)][0][3:5]) for k in (0, 1)])
+        last = np.array([curves[(v, k)][1][-1] for k in (0, 1)])
+        assert (f"| {v} | 2 | {mid.mean():.4f} ± {mid.std():.4f} | "
+                f"{last.mean():.4f} ± {last.std():.4f} |") in text
+    assert "| shuffled | 0 | missing | missing | missing |" in text
+    assert os.path.getsize(os.path.join(out, "probe_act_entropy.png")) > 0

@@ -48,7 +48,8 @@ def cells(sources: Sequence[str], axes: Sequence[str], variants: Sequence[str],
 
 def cell_commands(cell: Cell, sweep_dir: str, train_config: str, data_path_template: str,
                   overrides: Sequence[str] = (), probe: bool = True,
-                  python: str = sys.executable) -> list[list[str]]:
+                  python: str = sys.executable,
+                  eval_config: str = "configs/eval.py") -> list[list[str]]:
     """train -> evaluate (-> probe) commands of one cell, as argv lists."""
     root = os.path.join(sweep_dir, cell.rel)
     data_path = data_path_template.format(source=cell.source) if data_path_template else ""
@@ -59,11 +60,11 @@ def cell_commands(cell: Cell, sweep_dir: str, train_config: str, data_path_templ
            f"--config.data.target={cell.variant}",
            f"--config.train.seed={cell.seed}", *overrides]
     cmds = [[python, "-m", "xft_jax.train", f"--workdir={root}/train", *cfg],
-            [python, "-m", "xft_jax.evaluate", f"--workdir={root}/train", f"--out={root}/eval",
-             "--split=test"]]
+            [python, "-m", "xft_jax.evaluate", f"--config={eval_config}", f"--out={root}/eval",
+             f"--config.model.workdir={root}/train", "--config.data.split=test"]]
     if probe:
-        cmds.append([python, "-m", "xft_jax.probe", f"--workdirs={root}/train",
-                     f"--out={root}/probe"])
+        cmds.append([python, "-m", "xft_jax.probe", f"--config={eval_config}",
+                     f"--out={root}/probe", f"--workdirs={root}/train"])
     return cmds
 
 
