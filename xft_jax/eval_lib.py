@@ -1,0 +1,283 @@
+"""Evaluation behind ``python -m xft_jax.evaluate`` (and the model/data half of the probe).
+
+A model comes from one of: a training workdir (orbax checkpoint of LoRA params on the
+base named in its metadata, via ``training.restore.load_trained``), an HF base model plus
+an optional PEFT adapter, or a merged HF checkpoint. Data come from the same pipeline as
+training; fields the eval config leaves empty are taken from the run's own config, so by
+default a run is evaluated on exactly its own test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from xft_jax import generation, metrics, scoring, sharding
+
+# Used only when neither the eval config nor a training run says (configs/common.py).
+DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
+                 "max_len": 1024, "seed": 0}
+DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
+             "num_synthetic")
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: Any                      # xft_jax.models.Decoder (LoRA attached or not)
+    tokenizer: Any
+    run_config: Any                 # the training run's ConfigDict, or None
+    info: dict                      # what was loaded, for metrics.json
+
+
+def make_mesh(config):
+    m = config.mesh
+    return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor))
+
+
+def load_model(mc, mesh) -> Loaded:
+    """The model named by ``config.model`` (see module doc), placed on ``mesh``."""
+    from xft_jax.models import hf_io, load_tokenizer
+
+    if bool(mc.workdir) == bool(mc.path):
+        raise ValueError("set exactly one of config.model.workdir (a training run) and "
+                         "config.model.path (an HF base or merged checkpoint)")
+    if mc.workdir:
+        from xft_jax.training.base_model import tokenizer_path
+        from xft_jax.training.restore import load_trained
+
+        if mc.adapter:
+            raise ValueError("config.model.adapter is for config.model.path, not a workdir")
+        model, meta, step = load_trained(mc.workdir, mc.step, dtype=mc.dtype or None,
+                                         mesh=mesh)
+        run = ml_collections.ConfigDict(meta["config"])
+        base = meta["lora"]["base_model_path"]
+        tok = mc.tokenizer or tokenizer_path(run, base)
+        info = {"kind": "workdir", "workdir": os.path.abspath(mc.workdir), "step": int(step),
+                "base_model_path": base, "lora": {k: meta["lora"].get(k) for k in
+                                                  ("rank", "alpha", "targets", "rslora")}}
+        return Loaded(model, load_tokenizer(tok), run, info)
+    from xft_jax.quantization import QuantConfig
+
+    dtype = jnp.dtype(mc.dtype or "float32")
+    quant = QuantConfig.from_config(mc)
+    model = hf_io.load_pretrained(mc.path, dtype=dtype, mesh=mesh,
+                                  compute_dtype=jnp.dtype(mc.compute_dtype or dtype),
+                                  quantization=quant)
+    info = {"kind": "merged_or_base", "path": os.path.abspath(mc.path),
+            "quantization": quant.kind}
+    if mc.adapter:
+        from xft_jax import lora as lora_lib
+
+        lora_lib.load_peft_adapter(model, mc.adapter, mesh)
+        info.update(kind="base+adapter", adapter=os.path.abspath(mc.adapter))
+    return Loaded(model, load_tokenizer(mc.tokenizer or mc.path), None, info)
+
+
+def resolve_data(dc, run_config) -> ml_collections.ConfigDict:
+    """Eval data fields: the eval config's own, else the run's, else the defaults."""
+    run = run_config.data if run_config is not None else None
+    out = ml_collections.ConfigDict()
+    for k in DATA_KEYS:
+        v = dc.get(k, None)
+        if v in (None, ""):
+            v = run.get(k, None) if run is not None else None
+        if v in (None, "") and k in DATA_DEFAULTS:
+            v = DATA_DEFAULTS[k]
+        out[k] = v
+    out.split = dc.get("split", "test")
+    out.max_examples = dc.get("max_examples", None)
+    return out
+
+
+def eval_batches(d, tokenizer, batch_size: int):
+    """pipeline.Batches over ``d.split`` (eval mode: padded rows, ``valid`` marks)."""
+    from xft_jax.data import pipeline
+    from xft_jax.data.targets import ExplanationVocab
+
+    splits = pipeline.build_datasets(d.source, d.path or None, num_train=d.num_train,
+                                     num_test=d.num_test, seed=int(d.seed),
+                                     num_synthetic=d.num_synthetic)
+    if d.split not in ("train", "test"):
+        raise ValueError(f"config.data.split={d.split!r}: expected 'train' or 'test'")
+    examples = list(getattr(splits, d.split))[:d.max_examples]
+    if not examples:
+        raise ValueError(f"{splits.origin}: the {d.split} split is empty")
+    vocab = (ExplanationVocab.from_examples(splits.train, d.axis)
+             if d.target == "random_vocab" else None)
+    batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=d.target,
+                                    max_len=int(d.max_len), batch_size=batch_size,
+                                    seed=int(d.seed), train=False, process_index=0,
+                                    process_count=1, vocab=vocab, target_seed=int(d.seed))
+    if batches.stats.kept == 0:
+        raise ValueError(
+            f"{splits.origin}: none of the {len(examples)} {d.split} examples fits "
+            f"data.max_len={d.max_len} (longest prompts are dropped, not cut); raise "
+            f"--config.data.max_len")
+    info = {"origin": splits.origin, "split": d.split, "examples": len(examples),
+            "encode": batches.stats.to_dict(), **{k: d[k] for k in DATA_KEYS}}
+    return batches, info
+
+
+def score(loaded: Loaded, batches, batch_size: int, mesh) -> tuple[dict, dict]:
+    """(collected results, timing) over every real example exactly once."""
+    m = loaded.model
+    fn = scoring.make_score_fn(m.config, m.forward_options(), batches.label_token_ids, mesh)
+    params, lora = m.params(), m.lora_params()
+    first_done, n_after, t0 = None, 0, time.perf_counter()
+    parts = []
+    for r in scoring.score_batches(fn, params, lora, batches, batch_size, mesh,
+                                   names=batches.example_ids):
+        parts.append(r)
+        if first_done is None:              # the first batch includes the compile
+            first_done = time.perf_counter()
+        else:
+            n_after += len(r["id"])
+    end = time.perf_counter()
+    res = scoring.collect(parts)
+    steady = end - first_done if first_done is not None else 0.0
+    timing = {"wall_s": end - t0,
+              "examples_per_s": (n_after / steady) if n_after and steady > 0
+              else len(res["id"]) / max(end - t0, 1e-9),
+              "examples_per_s_incl_compile": len(res["id"]) / max(end - t0, 1e-9)}
+    return res, timing
+
+
+def generate(loaded: Loaded, batches, batch_size: int, mesh, ec) -> dict[str, dict]:
+    """{example id: {'text', 'label' (1..5 or None)}} from KV-cache decoding. The prompt is
+    the scoring input up to and including ``label_pos`` (the template's "Rating: "), so
+    the model writes the label digit and then its explanation."""
+    m = loaded.model
+    tok = loaded.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    fn = generation.make_generate_fn(
+        m.config, m.forward_options(), max_new_tokens=int(ec.max_new_tokens),
+        temperature=float(ec.temperature), top_p=float(ec.top_p), eos_id=tok.eos_token_id,
+        pad_id=pad, mesh=mesh)
+    params, lora = m.params(), m.lora_params()
+    key = jax.random.key(int(ec.seed))
+    out: dict[str, dict] = {}
+    seen = 0
+    for i, batch in enumerate(batches):
+        padded, n = scoring.pad_batch(batch, batch_size)
+        rows = scoring.real_rows(batch, n)
+        if rows.size == 0:
+            continue
+        ids_, seg, lp = (np.asarray(padded[k]) for k in ("input_ids", "segment_ids",
+                                                           "label_pos"))
+        prompts = [ids_[b, :lp[b] + 1][seg[b, :lp[b] + 1] > 0] for b in range(batch_size)]
+        pids, pmask = generation.left_pad(prompts, pad, length=ids_.shape[1])
+        feed = {"input_ids": pids, "attention_mask": pmask}
+        dev = scoring.device_put_batch(feed, mesh, keys=("input_ids", "attention_mask"))
+        res = jax.device_get(fn(params, lora, dev["input_ids"], dev["attention_mask"],
+                                jax.random.fold_in(key, i)))
+        toks, lengths = np.asarray(res["tokens"]), np.asarray(res["lengths"])
+        names = scoring.example_ids(batch, rows, seen, batches.example_ids)
+        for name, b in zip(names, rows):
+            text = tok.decode(toks[b, :lengths[b]].tolist(), skip_special_tokens=True)
+            out[name] = {"text": text, "label": generation.parse_label(text)}
+        seen += rows.size
+    return out
+
+
+def generation_summary(res: dict, gen: dict[str, dict]) -> dict:
+    pred = res["log_probs"].argmax(1) + 1
+    gold = res["label"] + 1
+    parsed = [gen[i]["label"] for i in res["id"]]
+    ok = np.array([p is not None for p in parsed])
+    p = np.array([x if x is not None else -1 for x in parsed])
+    n = len(parsed)
+    return {"n": n, "parse_rate": float(ok.mean()),
+            "agreement_with_scored": float(np.mean(p == pred)),
+            "agreement_with_scored_when_parsed": float(np.mean(p[ok] == pred[ok])) if ok.any()
+            else None,
+            "accuracy": float(np.mean(p == gold))}
+
+
+def atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None, numpy -> python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+
+
+def predictions_csv(res: dict, gen: dict | None = None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    head = ["id", "gold", "predicted"] + [f"p{k}" for k in range(1, 6)]
+    if gen is not None:
+        head += ["generated_label", "generated_text"]
+    w.writerow(head)
+    probs = np.exp(res["log_probs"])
+    for i, name in enumerate(res["id"]):
+        row = [name, int(res["label"][i]) + 1, int(probs[i].argmax()) + 1]
+        row += [f"{p:.6g}" for p in probs[i]]
+        if gen is not None:
+            g = gen[name]
+            row += ["" if g["label"] is None else g["label"], g["text"]]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def run_evaluation(config, out_dir: str) -> dict:
+    """Loads, scores (and optionally generates), writes ``metrics.json`` and
+    ``predictions.csv`` under ``out_dir`` (process 0 only); returns the metrics doc."""
+    mesh = make_mesh(config)
+    loaded = load_model(config.model, mesh)
+    d = resolve_data(config.data, loaded.run_config)
+    bs = scoring.batch_size_for(mesh, int(config.eval.batch_size))
+    batches, data_info = eval_batches(d, loaded.tokenizer, bs)
+    res, timing = score(loaded, batches, bs, mesh)
+    doc = {"metrics": metrics.rating_metrics(res["label"], np.exp(res["log_probs"])),
+           "timing": timing, "model": loaded.info, "data": data_info, "batch_size": bs,
+           "mesh": dict(mesh.shape), "label_token_ids": list(batches.label_token_ids),
+           "devices": jax.device_count(), "platform": jax.devices()[0].platform}
+    gen = None
+    if config.eval.generate:
+        t0 = time.perf_counter()
+        gen = generate(loaded, batches, bs, mesh, config.eval)
+        doc["generation"] = generation_summary(res, gen)
+        doc["generation"].update(
+            wall_s=time.perf_counter() - t0, max_new_tokens=int(config.eval.max_new_tokens),
+            temperature=float(config.eval.temperature), top_p=float(config.eval.top_p))
+    if jax.process_index() == 0:
+        write_json(os.path.join(out_dir, "metrics.json"), doc)
+        atomic_write(os.path.join(out_dir, "predictions.csv"), predictions_csv(res, gen))
+    return doc
