@@ -2,7 +2,6 @@
 the loss goes down, a resumed run equals the uninterrupted one bit for bit, and the
 exported PEFT adapter loads in PyTorch onto the UNquantised base."""
 
-import inspect
 import os
 import shutil
 
@@ -48,9 +47,6 @@ def runs(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(hf_io, "load_pretrained", spy)
-    if "quantiz" not in inspect.getsource(trainer.load_base):
-        # trainer.load_base does not read model.quantization yet: use the drop-in that does
-        mp.setattr(trainer, "load_base", Q.load_base)
     try:
         devices = jax.devices()[:2]
         full = str(tmp_path_factory.mktemp("full"))
@@ -83,6 +79,23 @@ def test_base_is_nf4_and_loss_decreases(runs):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+def test_restored_run_is_evaluated_on_its_quantised_base(runs):
+    """load_trained (evaluation, probe) rebuilds the NF4 base the adapters were trained on;
+    dense=True (merged export) gives the unquantised one."""
+    from xft_jax.training.restore import load_trained
+
+    full = runs[0]
+    model, _, step = load_trained(full)
+    assert step == STEPS
+    q = Q.quantized_leaves(model.params())
+    assert len(q) == 7 and all(w.kind == "nf4" for w in q.values())
+    np.testing.assert_array_equal(
+        np.asarray(model.lora_params()["layers"]["q_proj"]["b"]),
+        _lora_at(full, STEPS)["layers"]["q_proj"]["b"])
+    dense, _, _ = load_trained(full, dense=True)
+    assert not Q.quantized_leaves(dense.params())
+
+
 def test_resume_is_exact(runs):
     full, resumed, result, _ = runs
     assert result.step == STEPS
@@ -103,7 +116,7 @@ def test_peft_adapter_loads_in_pytorch_on_the_unquantised_base(runs, tmp_path):
     full, _, _, _ = runs
     out = str(tmp_path / "adapter")
     export.export(full, "peft", out)
-    model, meta, _ = load_trained(full, dtype="float32")      # dense fp32 base + adapters
+    model, meta, _ = load_trained(full, dtype="float32", dense=True)  # fp32 dense base + adapters
     base_path = meta["lora"]["base_model_path"]
     assert np.abs(np.asarray(model.lora_params()["layers"]["q_proj"]["b"])).max() > 0
     ids = np.random.default_rng(0).integers(3, 32000, (2, 10)).astype(np.int32)

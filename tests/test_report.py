@@ -16,8 +16,8 @@ def _write_cell(root, cell, correct, extra=None):
     ids = [f"ex{i}" for i in range(len(correct))]
     metrics = {"accuracy": float(np.mean(correct)), "qwk": 0.5, "macro_f1": 0.4, "ece": 0.1}
     metrics.update(extra or {})
-    with open(os.path.join(d, "metrics.json"), "w") as f:
-        json.dump(metrics, f)
+    with open(os.path.join(d, "metrics.json"), "w") as f:  # the evaluator's layout
+        json.dump({"metrics": metrics, "timing": {"examples_per_s": 1.0}}, f)
     with open(os.path.join(d, "predictions.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "gold", "predicted"])

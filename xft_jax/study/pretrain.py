@@ -84,7 +84,8 @@ def pretrain(texts, tokenizer, recipe: PretrainRecipe, out_dir: str, *,
     windows = token_windows(texts, tokenizer, recipe.seq_len)
     model = decoder.Decoder(cfg, rngs=nnx.Rngs(recipe.seed))
     params = model.params()
-    sched = optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, recipe.warmup_steps,
+    warmup = min(recipe.warmup_steps, recipe.steps - 1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, warmup,
                                                recipe.steps, recipe.learning_rate * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
     opt_state = tx.init(params)

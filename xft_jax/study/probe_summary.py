@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Sequence
 
 import matplotlib
@@ -68,7 +69,9 @@ def summarize(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Sequen
                 continue
             arr = np.stack(curves[v][k])
             x = np.arange(arr.shape[1])
-            mu, sd = np.nanmean(arr, 0), np.nanstd(arr, 0)
+            with warnings.catch_warnings():  # layers where a metric is undefined (NaN)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mu, sd = np.nanmean(arr, 0), np.nanstd(arr, 0)
             ok = ~np.isnan(mu)
             ax.plot(x[ok], mu[ok], marker="o", ms=3, label=f"{v} (n={len(arr)})")
             ax.fill_between(x[ok], (mu - sd)[ok], (mu + sd)[ok], alpha=0.2)

@@ -38,7 +38,8 @@ def load_cell(sweep_dir: str, cell: Cell) -> CellResult | None:
     if not (os.path.exists(mpath) and os.path.exists(ppath)):
         return None
     with open(mpath, encoding="utf-8") as f:
-        metrics = json.load(f)
+        doc = json.load(f)
+    metrics = doc["metrics"] if isinstance(doc.get("metrics"), dict) else doc
     correct = {}
     with open(ppath, encoding="utf-8", newline="") as f:
         for lineno, row in enumerate(csv.DictReader(f), start=2):

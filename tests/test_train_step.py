@@ -1,0 +1,152 @@
+"""The train step in isolation (tiny fixture model, hand-made batches of the contract):
+chunked CE equals the plain full-logits CE, gradient accumulation equals one big batch,
+only LoRA params get optimiser state, the frozen base stays bit-identical, and a
+non-finite step changes nothing."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from xft_jax import lora as lora_lib
+from xft_jax import sharding
+from xft_jax.models import hf_io
+from xft_jax.training import optim
+from xft_jax.training.loss import chunked_token_ce, finalize, masked_sums
+from xft_jax.training.step import (StepConfig, jit_step, make_step_fn,
+                                   opt_state_shardings)
+
+B, T, V = 8, 12, 128
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, V, (B, T + 1)).astype(np.int32)
+    seg = np.ones((B, T), np.int32)
+    seg[1, 9:] = 0                                   # a padded row
+    loss_mask = np.zeros((B, T), np.float32)
+    loss_mask[:, 6:] = 1.0
+    loss_mask *= seg > 0
+    label_mask = np.zeros((B, T), np.float32)
+    label_mask[:, 6] = 1.0
+    return {"input_ids": ids[:, :T], "targets": ids[:, 1:], "loss_mask": loss_mask,
+            "label_mask": label_mask, "segment_ids": seg,
+            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+
+
+def optim_cfg(lr=1e-2):
+    return ml_collections.ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0,
+                                          weight_decay=0.01, clip_norm=1.0))
+
+
+class Setup:
+    def __init__(self, path, devices, mesh_shape=(1, 1, 1), lr=1e-2, grad_accum=1,
+                 label_loss_weight=1.0, dropout=0.0):
+        self.mesh = sharding.create_mesh(*mesh_shape, devices=devices)
+        model = hf_io.load_pretrained(path, mesh=self.mesh)
+        self.lcfg = lora_lib.LoRAConfig(rank=4, alpha=8, dropout=dropout)
+        lora_lib.attach(model, self.lcfg, jax.random.key(0), self.mesh)
+        self.cfg = model.config
+        self.opts = model.forward_options()
+        self.base = model.params()
+        self.lora = model.lora_params()
+        self.lora_sh = lora_lib.lora_shardings(self.cfg, self.lcfg, self.mesh)
+        self.base_sh = sharding.param_shardings(self.mesh, self.base)
+        self.tx, _ = optim.make_optimizer(optim_cfg(lr), 10)
+        self.opt_sh = opt_state_shardings(self.tx, self.lora, self.lora_sh, self.mesh)
+        self.opt = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.lora)
+        scfg = StepConfig(grad_accum=grad_accum, label_loss_weight=label_loss_weight,
+                          ce_chunk=5)
+        self.step = jit_step(make_step_fn(self.cfg, self.opts, self.tx, scfg, self.mesh),
+                             self.mesh, self.lora_sh, self.opt_sh, self.base_sh)
+        self.rng = jax.random.key_data(jax.random.key(1))
+
+    def run(self, batches):
+        out = []
+        for i, b in enumerate(batches):
+            g = sharding.make_global_batch(self.mesh, b)
+            self.lora, self.opt, m = self.step(self.lora, self.opt, self.base, g, self.rng,
+                                               jnp.int32(i))
+            out.append(jax.device_get(m))
+        return out
+
+
+@pytest.fixture(scope="module")
+def path(hf_checkpoint):
+    return hf_checkpoint("mistral")
+
+
+def test_chunked_ce_matches_full_logits(path):
+    model = hf_io.load_pretrained(path)
+    b = make_batch()
+    out = model.forward(jnp.asarray(b["input_ids"]), segment_ids=jnp.asarray(b["segment_ids"]),
+                        positions=jnp.asarray(b["positions"]), output="hidden")
+    from xft_jax.models.decoder import lm_head
+    ce, correct = chunked_token_ce(out["hidden"], lm_head(model.params(), model.config,
+                                                          jnp.float32),
+                                   jnp.asarray(b["targets"]), chunk=5)   # 12 = 5+5+2
+    logits = np.asarray(model(jnp.asarray(b["input_ids"]),
+                              segment_ids=jnp.asarray(b["segment_ids"])), np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ref = lse - np.take_along_axis(logits, b["targets"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(ce), ref, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(correct), logits.argmax(-1) == b["targets"])
+    m = {k: float(v) for k, v in finalize(masked_sums(ce, correct, b["loss_mask"],
+                                                       b["label_mask"], 3.0)).items()}
+    lm, lab = b["loss_mask"], b["label_mask"]
+    assert m["loss"] == pytest.approx((ref * lm).sum() / lm.sum(), abs=2e-5)
+    assert m["label_loss"] == pytest.approx((ref * lab).sum() / lab.sum(), abs=2e-5)
+    expl = lm * (1 - lab)
+    assert m["explanation_loss"] == pytest.approx((ref * expl).sum() / expl.sum(), abs=2e-5)
+    assert m["objective"] == pytest.approx(((ref * lm).sum() + 2 * (ref * lab).sum())
+                                           / lm.sum(), abs=2e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(path):
+    """One setup trained 3 steps (shared: compiles are the slow part on CPU)."""
+    a = Setup(path, jax.devices()[:1])
+    a.base_before = jax.tree.map(np.array, a.base)
+    a.lora_before = jax.tree.map(np.array, a.lora)
+    a.batches = [make_batch(s) for s in range(3)]
+    a.metrics = a.run(a.batches)
+    return a
+
+
+def test_only_lora_trains_and_accumulation_is_exact(path, trained):
+    a = trained
+    base_before, lora_before = a.base_before, a.lora_before
+    # optimiser state exists for the LoRA params only: its arrays mirror LoRA leaves
+    n_lora = sum(x.size for x in jax.tree.leaves(a.lora))
+    n_opt = sum(x.size for x in jax.tree.leaves(a.opt) if x.ndim > 0)
+    assert n_opt == 2 * n_lora                                  # Adam mu + nu
+    batches, m1 = a.batches, a.metrics
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)),
+                 base_before, a.base)                           # base bit-identical
+    changed = jax.tree.map(lambda x, y: not np.array_equal(x, np.asarray(y)),
+                           lora_before, a.lora)
+    assert all(jax.tree.leaves(changed))
+    assert m1[2]["loss"] < m1[0]["loss"]
+    # two micro-batches of 4 rows == one batch of 8 rows
+    b = Setup(path, jax.devices()[:1], grad_accum=2)
+    m2 = b.run(batches)
+    for x, y in zip(m1, m2):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                         atol=1e-5), a.lora, b.lora)
+
+
+def test_non_finite_step_changes_nothing(trained):
+    s = trained
+    lora = jax.tree.map(np.array, s.lora)
+    opt = jax.tree.map(np.array, s.opt)
+    bad = make_batch(1)
+    good_base = s.base
+    s.base = dict(s.base, final_norm=s.base["final_norm"].at[0].set(jnp.nan))
+    m = s.run([bad])[0]
+    s.base = good_base
+    assert m["finite"] == 0.0 and not np.isfinite(m["loss"])
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)), lora, s.lora)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)), opt, s.opt)

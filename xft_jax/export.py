@@ -1,0 +1,37 @@
+"""Export a trained run's adapters.
+
+    python -m xft_jax.export --workdir=/tmp/run --format=peft --out=/tmp/adapter
+    python -m xft_jax.export --workdir=/tmp/run --format=merged --out=/tmp/merged [--dtype=bfloat16]
+
+``peft``: adapter_config.json + adapter_model.safetensors for
+``peft.PeftModel.from_pretrained(base, out)``. ``merged``: an HF checkpoint with the
+adapters folded into the base weights (config.json + safetensors; tokenizer files of the
+base copied along).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+# The library function (import it from xft_jax.training.export_run: importing this main
+# defines its absl flags). Kept here under its old name for existing callers.
+from xft_jax.training.export_run import export_run as export  # noqa: F401
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.")
+_FORMAT = flags.DEFINE_enum("format", "peft", ["peft", "merged"], "Export format.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_DTYPE = flags.DEFINE_string("dtype", None, "Base dtype for the merge / saved weights "
+                             "(default: the run's model.dtype).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:   # orbax logs every file it reads at INFO
+        logging.set_verbosity(logging.WARNING)
+    print(export(_WORKDIR.value, _FORMAT.value, _OUT.value, _STEP.value, _DTYPE.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,74 @@
+"""Training and eval batches from the data pipeline (``xft_jax.data``).
+
+Every process builds the same *global* batch and keeps its own rows
+(``sharding.process_batch_slice``). The pipeline tokenises every example on every host
+anyway, so this costs little, and it makes the run independent of the process count: the
+same seed gives the same global batches on 1 device, 8 devices or 2 processes, and the
+iterator state is the same on every host (one copy in the checkpoint suffices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from xft_jax import sharding
+from xft_jax.training.step import TRAIN_KEYS
+
+
+@dataclasses.dataclass
+class RunData:
+    train: Any            # data.pipeline.Batches (train=True)
+    eval: Any | None      # Batches (train=False) or None
+    label_token_ids: list[int]
+    info: dict
+
+
+def build(config, tokenizer) -> RunData:
+    from xft_jax.data import pipeline
+    from xft_jax.data.targets import ExplanationVocab
+
+    d = config.data
+    splits = pipeline.build_datasets(
+        d.source, d.get("path", None) or None, num_train=d.get("num_train", None),
+        num_test=d.get("num_test", None), seed=int(d.get("seed", 0)),
+        num_synthetic=d.get("num_synthetic", None))
+    vocab = (ExplanationVocab.from_examples(splits.train, d.axis)
+             if d.target == "random_vocab" else None)
+    common = dict(axis=d.axis, variant=d.target, max_len=int(d.max_len),
+                  batch_size=int(d.batch_size), process_index=0, process_count=1,
+                  vocab=vocab, target_seed=int(d.get("seed", 0)))
+    train = pipeline.make_batches(splits.train, tokenizer, seed=int(config.train.seed),
+                                  train=True, pack=bool(d.get("pack", False)), **common)
+    ev = None
+    if int(config.train.get("eval_every", 0)) > 0 and splits.test:
+        ev = pipeline.make_batches(splits.test[:d.get("eval_examples", None)], tokenizer,
+                                   seed=0, train=False, **common)
+    info = {"origin": splits.origin, "num_train": len(splits.train),
+            "num_test": len(splits.test), "train_encode": train.stats.to_dict()}
+    return RunData(train, ev, list(train.label_token_ids), info)
+
+
+def local_rows(mesh, batch: dict) -> dict:
+    """This process's rows of a global batch (the training keys only)."""
+    rows = sharding.process_batch_slice(mesh, batch["input_ids"].shape[0])
+    return {k: np.asarray(batch[k])[rows] for k in TRAIN_KEYS}
+
+
+def to_global(mesh, batch: dict) -> dict:
+    b = batch["input_ids"].shape[0]
+    return sharding.make_global_batch(mesh, local_rows(mesh, batch), global_batch_size=b)
+
+
+def eval_batches(run_data: RunData, max_batches: int | None = None) -> Iterator[dict]:
+    for i, batch in enumerate(run_data.eval.dataset):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-padding tokens of the (global) batch, for tokens/s."""
+    return int(np.count_nonzero(np.asarray(batch["segment_ids"])))

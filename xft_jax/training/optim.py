@@ -1,0 +1,50 @@
+"""The optax optimiser: global-norm clipping, AdamW, a learning-rate schedule.
+
+Gradient accumulation is not an optax wrapper here: the step scans over micro-batches and
+applies one update per step, so ``step`` always counts optimiser updates.
+"""
+
+from __future__ import annotations
+
+import optax
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def make_schedule(lr: float, steps: int, warmup_steps: int = 0, kind: str = "cosine",
+                  end_lr_ratio: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from 0, then constant / linear decay / cosine decay to
+    ``lr * end_lr_ratio`` at ``steps``."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"optim.schedule={kind!r}; expected one of {SCHEDULES}")
+    if steps < 1:
+        raise ValueError(f"train.steps={steps}: must be >= 1")
+    warmup_steps = max(0, min(int(warmup_steps), steps))
+    decay = max(1, steps - warmup_steps)
+    if kind == "constant":
+        main = optax.constant_schedule(lr)
+    elif kind == "linear":
+        main = optax.linear_schedule(lr, lr * end_lr_ratio, decay)
+    else:
+        main = optax.cosine_decay_schedule(lr, decay, alpha=end_lr_ratio)
+    if warmup_steps == 0:
+        return main
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+
+
+def make_optimizer(optim_cfg, steps: int) -> tuple[optax.GradientTransformation,
+                                                   optax.Schedule]:
+    """From ``config.optim``: lr, schedule, warmup_steps, end_lr_ratio, b1, b2, eps,
+    weight_decay, clip_norm (0 disables clipping)."""
+    c = optim_cfg
+    schedule = make_schedule(float(c.lr), steps, int(c.get("warmup_steps", 0)),
+                             str(c.get("schedule", "cosine")),
+                             float(c.get("end_lr_ratio", 0.0)))
+    parts = []
+    if float(c.get("clip_norm", 1.0)) > 0:
+        parts.append(optax.clip_by_global_norm(float(c.get("clip_norm", 1.0))))
+    parts.append(optax.adamw(schedule, b1=float(c.get("b1", 0.9)), b2=float(c.get("b2", 0.999)),
+                             eps=float(c.get("eps", 1e-8)),
+                             weight_decay=float(c.get("weight_decay", 0.0))))
+    return optax.chain(*parts), schedule

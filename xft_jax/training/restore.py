@@ -1,0 +1,72 @@
+"""A trained run as a model: the base from the checkpoint's metadata plus its adapters.
+
+Used by ``xft_jax.export`` (and any evaluator): reads ``<workdir>/checkpoints/<step>``,
+rebuilds the run's optimiser only to describe the checkpoint's tree, and attaches the
+restored LoRA params to a freshly loaded base.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from xft_jax import lora as lora_lib
+from xft_jax import sharding
+from xft_jax.models import hf_io
+from xft_jax.training import optim
+from xft_jax.training.checkpoint import Checkpoints
+from xft_jax.training.step import abstract_like, opt_state_shardings
+
+
+def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None,
+                 dense: bool = False):
+    """(model with adapters attached, checkpoint meta, step). ``dtype`` overrides the
+    base parameter dtype of the run (e.g. float32 for an exact export). A QLoRA run's base
+    is quantised again exactly as in training, so its adapters are evaluated on the
+    weights they were trained against; ``dense=True`` loads the unquantised base instead
+    (needed to merge)."""
+    ckpts = Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    try:
+        step = ckpts.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{ckpts.directory}: no checkpoint to load")
+        meta = ckpts.read_meta(step)
+        config = ml_collections.ConfigDict(meta["config"])
+        lmeta = meta["lora"]
+        base_path = lmeta["base_model_path"]
+        mesh = mesh or sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1])
+        quant = str(config.model.get("quantization", None) or "none")
+        if quant != "none" and not dense:
+            from xft_jax import quantization
+            qcfg = quantization.QuantConfig.from_config(config.model)
+        else:
+            qcfg = None
+        model = hf_io.load_pretrained(
+            base_path, dtype=jnp.dtype(dtype or config.model.dtype), mesh=mesh,
+            compute_dtype=jnp.dtype(dtype or config.model.get("compute_dtype")
+                                    or config.model.dtype), quantization=qcfg)
+        lora_lib.check_metadata(lmeta, model.config, f"{ckpts.directory}/{step}")
+        lcfg = lora_lib.LoRAConfig(rank=lmeta["rank"], alpha=lmeta["alpha"],
+                                   dropout=lmeta["dropout"], targets=tuple(lmeta["targets"]),
+                                   rslora=lmeta["rslora"],
+                                   param_dtype=lmeta.get("param_dtype", "float32"))
+        lora_lib.attach(model, lcfg, jax.random.key(0), mesh)
+        lora = model.lora_params()
+        rep = NamedSharding(mesh, P())
+        lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
+        tx, _ = optim.make_optimizer(config.optim, int(config.train.steps))
+        opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
+        opt_abs = jax.eval_shape(tx.init, lora)
+        abstract = {"lora": abstract_like(lora, lora_sh),
+                    "opt_state": abstract_like(opt_abs, opt_sh),
+                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+        state, _, meta = ckpts.restore(step, abstract)
+        lora_lib.set_lora_tree(model, state["lora"])
+        return model, meta, step
+    finally:
+        ckpts.close()

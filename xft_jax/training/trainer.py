@@ -1,0 +1,313 @@
+"""The training loop: build everything from a config, resume, step, log, checkpoint.
+
+``train(config, workdir)`` is what ``python -m xft_jax.train`` calls. Order matters for
+reproducibility: the run key is made from ``train.seed`` before any parameter exists;
+the LoRA init and the dropout stream are both derived from it. A restart with the same
+workdir restores LoRA params, optimiser state, step, RNG and the data-iterator position
+from the latest checkpoint, and continues exactly where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from xft_jax import lora as lora_lib
+from xft_jax import sharding
+from xft_jax.models import hf_io
+from xft_jax.models.tokenizer import load_tokenizer
+from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim
+from xft_jax.training.checkpoint import Checkpoints
+from xft_jax.training.metrics_log import RunLogger
+from xft_jax.training.step import (StepConfig, abstract_like, batch_shardings, jit_step,
+                                   loss_and_sums, make_step_fn, opt_state_shardings)
+
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteError(FloatingPointError):
+    """Loss or gradients became NaN/inf; the run stopped without saving."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    status: str                  # 'done' | 'preempted'
+    last_metrics: dict
+    workdir: str
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step boundary and returns."""
+
+    def __init__(self):
+        self.flag = False
+        self.prev = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.prev = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils   # all hosts stop at the same step
+        flags = multihost_utils.process_allgather(np.int32(self.flag))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+
+
+def _dtype(name):
+    return jnp.dtype(str(name))
+
+
+def save_config(config, workdir: str) -> None:
+    """The resolved config (after overrides), atomically, by process 0."""
+    if jax.process_index() != 0:
+        return
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp_config")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def make_mesh(config, devices=None):
+    """The run's mesh; ``mesh.num_devices`` > 0 uses only the first N devices (one
+    process only, e.g. to debug on part of a node)."""
+    m = config.mesh
+    n = int(m.get("num_devices", -1))
+    if devices is None and n > 0:
+        if jax.process_count() > 1:
+            raise ValueError("mesh.num_devices is for single-process runs; leave it -1")
+        if n > jax.device_count():
+            raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
+        devices = jax.devices()[:n]
+    return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
+
+
+def _quantized(config) -> bool:
+    return bool(config.model.get("quantization", None))
+
+
+def load_base(config, base_path: str, mesh):
+    """The frozen base, placed on the mesh; quantised while read when
+    ``model.quantization`` is set (QLoRA, see ``xft_jax.quantization``)."""
+    mc = config.model
+    if _quantized(config):
+        from xft_jax import quantization
+        return quantization.load_base(config, base_path, mesh)
+    return hf_io.load_pretrained(
+        base_path, dtype=_dtype(mc.dtype), mesh=mesh,
+        compute_dtype=_dtype(mc.get("compute_dtype", None) or mc.dtype),
+        remat=str(mc.get("remat", "none")), attention_impl=mc.get("attention_impl", None))
+
+
+def step_config(config) -> StepConfig:
+    t = config.train
+    return StepConfig(grad_accum=int(t.get("grad_accum", 1)),
+                      label_loss_weight=float(t.get("label_loss_weight", 1.0)),
+                      ce_chunk=int(t.get("ce_chunk", 256)))
+
+
+def _check_batch(config, scfg: StepConfig, mesh):
+    b = int(config.data.batch_size)
+    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    if b % scfg.grad_accum or (b // scfg.grad_accum) % shards:
+        raise ValueError(
+            f"data.batch_size={b} must split into train.grad_accum={scfg.grad_accum} "
+            f"micro-batches whose size divides the {shards} batch shards (mesh.data x "
+            f"mesh.fsdp)")
+
+
+def train(config, workdir: str, *, devices=None) -> TrainResult:
+    """Runs (or resumes) training as ``config`` says, writing everything under workdir.
+
+    SIGTERM at any point (loading included) makes the run save after its next step and
+    return with status 'preempted'."""
+    with _Preemption() as preempt:
+        return _train(config, workdir, devices, preempt)
+
+
+def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    save_config(config, workdir)
+    t = config.train
+    steps = int(t.steps)
+    mesh = make_mesh(config, devices)
+    scfg = step_config(config)
+    _check_batch(config, scfg, mesh)
+
+    # The run key exists before any parameter; everything random derives from it.
+    run_key = jax.random.key(int(t.seed))
+    lora_key, dropout_key = jax.random.split(run_key)
+
+    base_path = base_model.resolve_base_path(config, workdir)
+    model = load_base(config, base_path, mesh)
+    lcfg = lora_lib.LoRAConfig.from_config(config.lora)
+    lora_lib.attach(model, lcfg, lora_key, mesh)
+    meta = {"lora": lora_lib.metadata(model.config, lcfg, base_path),
+            "config": json.loads(config.to_json_best_effort())}
+    opts = model.forward_options()
+    base = model.params()
+    lora = model.lora_params()
+    model.lora = None          # the loop owns the adapters from here on
+
+    rep = NamedSharding(mesh, P())
+    if _quantized(config):
+        from xft_jax import quantization
+        base_sh = quantization.param_shardings(mesh, base)
+    else:
+        base_sh = sharding.param_shardings(mesh, base)
+    lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
+    tx, schedule = optim.make_optimizer(config.optim, steps)
+    opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)
+    rng = jax.device_put(jax.random.key_data(dropout_key), rep)
+
+    tokenizer = load_tokenizer(base_model.tokenizer_path(config, base_path))
+    run_data = data_lib.build(config, tokenizer)
+    meta["data"] = run_data.info
+    meta["label_token_ids"] = run_data.label_token_ids
+    it = iter(run_data.train)
+
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
+                        int(t.get("keep_checkpoints", 3)))
+    start = 0
+    latest = ckpts.latest_step()
+    if latest is not None:
+        abstract = {"lora": abstract_like(lora, lora_sh),
+                    "opt_state": abstract_like(opt_state, opt_sh),
+                    "rng": abstract_like(rng, rep),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+        state, data_state, old_meta = ckpts.restore(latest, abstract)
+        lora_lib.check_metadata(old_meta.get("lora", {}), model.config,
+                                f"{ckpts.directory}/{latest}")
+        lora, opt_state, rng = state["lora"], state["opt_state"], state["rng"]
+        start = int(state["step"])
+        it.set_state(data_state)
+
+    step_fn, eval_fn = _jitted(model.config, opts, scfg, mesh, lcfg, config.optim.to_json(),
+                               steps, tx, lora_sh, opt_sh, base_sh)
+    every = {k: int(t.get(k, 0)) for k in ("log_every", "checkpoint_every", "eval_every")}
+    logger = RunLogger(workdir, steps, start)
+    if start:
+        logger.write(f"resumed from {ckpts.directory}/{start}")
+    logger.write(sharding.describe(mesh))
+    enc = run_data.train.stats
+    logger.write(f"data: {run_data.info['origin']}, {enc.kept} of {enc.total} training "
+                 f"examples encoded ({enc.truncated} with their context cut, {enc.dropped} "
+                 f"dropped as longer than data.max_len={config.data.max_len})")
+    if enc.dropped > 0.1 * enc.total:
+        logger.write(f"WARNING: {enc.dropped} of {enc.total} training examples do not fit "
+                     f"data.max_len={config.data.max_len}; raise it")
+    last: dict = {}
+    status = "done"
+
+    def save(step):
+        ckpts.save(step, {"lora": lora, "opt_state": opt_state, "rng": rng,
+                          "step": jax.device_put(np.int32(step), rep)}, it.get_state(),
+                   dict(meta, step=step))
+
+    try:
+        step = start
+        tokens, t0 = 0, time.perf_counter()
+        while step < steps:
+            batch = next(it)
+            gbatch = data_lib.to_global(mesh, batch)
+            new_lora, new_opt, m = step_fn(lora, opt_state, base, gbatch, rng,
+                                           jnp.int32(step))
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            if m["finite"] != 1.0:
+                raise NonFiniteError(
+                    f"step {step + 1}: loss={m['loss']} grad_norm={m['grad_norm']} is not "
+                    f"finite; stopping without saving. The last good checkpoint "
+                    f"(step {ckpts.latest_step()} in {ckpts.directory}) is untouched. "
+                    f"Lower optim.lr, check the data, or raise optim.clip_norm.")
+            lora, opt_state = new_lora, new_opt
+            step += 1
+            tokens += data_lib.real_tokens(batch)
+            now = time.perf_counter()
+            m["lr"] = float(schedule(step - 1))
+            m["tokens_per_sec"] = tokens / max(now - t0, 1e-9)
+            last = m
+            if every["eval_every"] and run_data.eval is not None and (
+                    step % every["eval_every"] == 0 or step == steps):
+                m.update(evaluate(eval_fn, lora, base, run_data, mesh,
+                                  config.train.get("eval_batches", None)))
+            if every["log_every"] and (step % every["log_every"] == 0 or step == steps):
+                logger.log(step, {k: v for k, v in m.items() if k != "finite"})
+                tokens, t0 = 0, time.perf_counter()
+            logger.progress(step, m)
+            stop = preempt.requested()
+            if stop or step == steps or (every["checkpoint_every"] and
+                                         step % every["checkpoint_every"] == 0):
+                save(step)
+            if stop:
+                status = "preempted"
+                logger.write(f"SIGTERM: saved step {step} to {ckpts.directory}; exiting")
+                break
+    finally:
+        logger.close()
+        ckpts.close()
+    return TrainResult(step=step, status=status, last_metrics=last, workdir=workdir)
+
+
+_JIT_CACHE: dict = {}
+
+
+def _jitted(cfg, opts, scfg, mesh, lcfg, optim_json, steps, tx, lora_sh, opt_sh, base_sh):
+    """The jitted step and eval functions, reused by later runs in the same process with
+    the same model, mesh and optimiser (sweeps, tests): their compiled code is cached."""
+    key = (cfg, opts, scfg, mesh, lcfg, optim_json, steps)
+    if key not in _JIT_CACHE:
+        if len(_JIT_CACHE) >= 8:
+            _JIT_CACHE.pop(next(iter(_JIT_CACHE)))
+        _JIT_CACHE[key] = (
+            jit_step(make_step_fn(cfg, opts, tx, scfg, mesh), mesh, lora_sh, opt_sh, base_sh),
+            _make_eval(cfg, opts, scfg, mesh, lora_sh, base_sh))
+    return _JIT_CACHE[key]
+
+
+def _make_eval(cfg, opts, scfg, mesh, lora_sh, base_sh):
+    rep = NamedSharding(mesh, P())
+    opts = dataclasses.replace(opts, lora_dropout=0.0)
+
+    def sums(lora, base, batch):
+        with sharding.activation_sharding(mesh):
+            _, s = loss_and_sums(lora, base, batch, cfg, opts, scfg, None, jnp.float32(1))
+            return s
+
+    return jax.jit(sums, in_shardings=(lora_sh, base_sh, batch_shardings(mesh)),
+                   out_shardings=rep)
+
+
+def evaluate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
+    """Teacher-forced eval on the test split: loss, label loss and label accuracy."""
+    total = None
+    for batch in data_lib.eval_batches(run_data, max_batches):
+        s = jax.device_get(eval_fn(lora, base, data_lib.to_global(mesh, batch)))
+        total = s if total is None else {k: total[k] + s[k] for k in s}
+    if total is None:
+        return {}
+    f = {k: float(v) for k, v in jax.device_get(loss_lib.finalize(total)).items()}
+    return {"eval_loss": f["loss"], "eval_label_loss": f["label_loss"],
+            "eval_label_accuracy": f["label_accuracy"],
+            "eval_explanation_loss": f["explanation_loss"]}
