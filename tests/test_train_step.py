@@ -150,3 +150,31 @@ def test_non_finite_step_changes_nothing(trained):
     assert m["finite"] == 0.0 and not np.isfinite(m["loss"])
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)), lora, s.lora)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)), opt, s.opt)
+
+
+def test_head_at_target_positions_equals_every_position(path):
+    """target_pos (LM head only where loss_mask is 1) gives the same sums and gradients
+    as applying the head at every position."""
+    from xft_jax.training.data import target_positions
+    from xft_jax.training.step import loss_and_sums
+
+    s = Setup(path, jax.devices()[:1])
+    b = make_batch(3)
+    b["loss_mask"][2, :] = 0.0                 # a row without targets
+    b["label_mask"][2, :] = 0.0
+    tp = target_positions(b["loss_mask"])
+    assert tp.shape == (B, min(T, 16)) and (tp[2] == -1).all() and (tp[1, 3:] == -1).all()
+    assert list(tp[0, :6]) == [6, 7, 8, 9, 10, 11]
+    scfg = StepConfig(ce_chunk=5)
+    n = jnp.float32(b["loss_mask"].sum())
+    grad = jax.jit(jax.value_and_grad(
+        lambda lora, batch: loss_and_sums(lora, s.base, batch, s.cfg, s.opts, scfg, None, n),
+        has_aux=True))
+    full_batch = {k: jnp.asarray(v) for k, v in b.items()}
+    (obj_a, sums_a), g_a = grad(s.lora, full_batch)
+    (obj_b, sums_b), g_b = grad(s.lora, dict(full_batch, target_pos=jnp.asarray(tp)))
+    for k in sums_a:
+        np.testing.assert_allclose(sums_b[k], sums_a[k], rtol=1e-6, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7)
+    assert float(obj_a) == pytest.approx(float(obj_b), rel=1e-6)

@@ -230,6 +230,7 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "segment_ids": ("batch", "length"), "positions": ("batch", "length"),
     "attention_mask": ("batch", "length"),
     "label_pos": ("batch",), "label": ("batch",),
+    "target_pos": ("batch", None),
 }
 
 

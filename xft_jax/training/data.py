@@ -51,10 +51,31 @@ def build(config, tokenizer) -> RunData:
     return RunData(train, ev, list(train.label_token_ids), info)
 
 
+def target_positions(loss_mask: np.ndarray, min_width: int = 16) -> np.ndarray:
+    """[B, K] positions of each row's target tokens (label, explanation, eos), -1-padded.
+
+    The LM head is then applied at these K positions only: targets are a few tokens of a
+    row of hundreds, so this skips most of the vocabulary-sized matmul. K is the next
+    power of two of the longest row's count (capped at T), so few shapes get compiled; it
+    is computed from the *global* batch so every host agrees on it.
+    """
+    lm = np.asarray(loss_mask) > 0
+    b, t = lm.shape
+    most = int(lm.sum(axis=1).max()) if b else 0
+    k = min(t, max(min_width, 1 << max(0, most - 1).bit_length()))
+    out = np.full((b, k), -1, np.int32)
+    for i in range(b):
+        idx = np.flatnonzero(lm[i])
+        out[i, :idx.size] = idx
+    return out
+
+
 def local_rows(mesh, batch: dict) -> dict:
-    """This process's rows of a global batch (the training keys only)."""
+    """This process's rows of a global batch (the training keys + target positions)."""
     rows = sharding.process_batch_slice(mesh, batch["input_ids"].shape[0])
-    return {k: np.asarray(batch[k])[rows] for k in TRAIN_KEYS}
+    out = {k: np.asarray(batch[k])[rows] for k in TRAIN_KEYS}
+    out["target_pos"] = target_positions(batch["loss_mask"])[rows]
+    return out
 
 
 def to_global(mesh, batch: dict) -> dict:

@@ -34,8 +34,12 @@ class StepConfig:
     ce_chunk: int = 256
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    return {k: sharding.batch_sharding(mesh, k, 2) for k in TRAIN_KEYS}
+def batch_shardings(mesh: Mesh) -> NamedSharding:
+    """One sharding for every [B, ...] field of a train batch (rows over data x fsdp),
+    used as a pytree prefix so batches with or without ``target_pos`` both fit."""
+    specs = {sharding.batch_sharding(mesh, k, 2) for k in TRAIN_KEYS + ("target_pos",)}
+    assert len(specs) == 1, specs
+    return specs.pop()
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, lora_abstract, lora_sh, mesh):
@@ -50,14 +54,26 @@ def opt_state_shardings(tx: optax.GradientTransformation, lora_abstract, lora_sh
 
 def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
                   scfg: StepConfig, rng, n_tok_total):
-    """(objective / n_tok_total, sums) for one micro-batch."""
+    """(objective / n_tok_total, sums) for one micro-batch.
+
+    With ``target_pos`` [B,K] (see training.data.target_positions) the final norm and LM
+    head run at the K target positions only; without it, at every position (chunked)."""
+    targets, loss_mask, label_mask = batch["targets"], batch["loss_mask"], batch["label_mask"]
+    positions = None
+    if "target_pos" in batch:
+        tp = batch["target_pos"]
+        valid = (tp >= 0).astype(jnp.float32)
+        positions = jnp.maximum(tp, 0)
+        take = lambda x: jnp.take_along_axis(x, positions, axis=1)  # noqa: E731
+        targets = take(targets)
+        loss_mask = take(loss_mask) * valid
+        label_mask = take(label_mask) * valid
     out = forward(base, cfg, batch["input_ids"], positions=batch["positions"],
                   segment_ids=batch["segment_ids"], opts=opts, lora=lora, output="hidden",
-                  rng=rng if opts.lora_dropout > 0 else None)
+                  output_positions=positions, rng=rng if opts.lora_dropout > 0 else None)
     ce, correct = loss_lib.chunked_token_ce(out["hidden"], lm_head(base, cfg, opts.dtype),
-                                            batch["targets"], scfg.ce_chunk)
-    sums = loss_lib.masked_sums(ce, correct, batch["loss_mask"], batch["label_mask"],
-                                scfg.label_loss_weight)
+                                            targets, scfg.ce_chunk)
+    sums = loss_lib.masked_sums(ce, correct, loss_mask, label_mask, scfg.label_loss_weight)
     return sums["objective_sum"] / jnp.maximum(n_tok_total, 1.0), sums
 
 
