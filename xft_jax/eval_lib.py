@@ -15,7 +15,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xft_jax.atomic import write_text as atomic_write
 from xft_jax import generation, metrics, scoring, sharding
 
 # Used only when neither the eval config nor a training run says (configs/common.py).
@@ -203,20 +203,6 @@ def generation_summary(res: dict, gen: dict[str, dict]) -> dict:
             "agreement_with_scored_when_parsed": float(np.mean(p[ok] == pred[ok])) if ok.any()
             else None,
             "accuracy": float(np.mean(p == gold))}
-
-
-def atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _clean(x):

@@ -18,15 +18,13 @@ import json
 import math
 import os
 import re
-import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xft_jax import sharding
+from xft_jax import atomic, sharding
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import (LINEAR_NAMES, Decoder, leaf_axes, linear_shape,
                                    params_tree)
@@ -266,11 +264,11 @@ def save_peft_adapter(model: Decoder, out_dir: str, base_model_path: str = "",
         return
     os.makedirs(out_dir, exist_ok=True)
     meta = metadata(model.config, cfg, base_model_path)
-    _atomic(os.path.join(out_dir, ADAPTER_WEIGHTS),
-            lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_json(os.path.join(out_dir, METADATA_FILE), meta)
-    _atomic_json(os.path.join(out_dir, ADAPTER_CONFIG),
-                 peft_adapter_config(cfg, base_model_path))
+    with atomic.atomic_path(os.path.join(out_dir, ADAPTER_WEIGHTS)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    atomic.write_json(os.path.join(out_dir, METADATA_FILE), meta, sort_keys=True)
+    atomic.write_json(os.path.join(out_dir, ADAPTER_CONFIG),
+                      peft_adapter_config(cfg, base_model_path), sort_keys=True)
 
 
 def save_merged(model: Decoder, out_dir: str, dtype=None) -> None:
@@ -369,25 +367,6 @@ def _host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
-
-
-def _atomic(dest: str, writer) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), prefix=".tmp_")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_json(dest: str, obj: Any) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-    _atomic(dest, w)
 
 
 __all__ = ["LoRAConfig", "LoRA", "LoRAError", "attach", "lora_tree", "set_lora_tree",

@@ -10,14 +10,14 @@ Also here: ``atomic_write`` so a failed run leaves no half-written output.
 from __future__ import annotations
 
 import collections
-import contextlib
 import csv
 import dataclasses
 import gzip
 import io
 import json
 import os
-import tempfile
+
+from xft_jax.atomic import atomic_open
 from typing import Any, Iterator
 
 ROW_EXTENSIONS = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet", ".csv",
@@ -212,23 +212,7 @@ def _csv_rows(file: str, policy: ErrorPolicy):
         start = reader.line_num + 1
 
 
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
-    """Writes to a temp file next to ``path`` and renames it into place only on success."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+atomic_write = atomic_open  # kept name: data modules write through it
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:

@@ -149,15 +149,20 @@ def attention_mask_matrix(q_seg, k_seg, q_idx, k_idx, window):
 
 
 def _lora_delta(x, lora, name, opts, rng):
+    """(dropout(x) @ A) @ B * scale in float32. The activations are flattened to
+    [B*T, in] first: XLA:CPU runs the rank-r matmuls on 3-D operands as slow batched
+    kernels (one rank-16 layer fwd+bwd measured 20.1 ms batched vs 11.6 ms flattened)."""
     if lora is None or name not in lora:
         return 0.0
     a, b = lora[name]["a"], lora[name]["b"]
-    x32 = x.astype(jnp.float32)
+    lead = x.shape[:-1]
+    x32 = x.astype(jnp.float32).reshape(-1, x.shape[-1])
     if opts.lora_dropout > 0.0 and rng is not None:
         keep = jax.random.bernoulli(jax.random.fold_in(rng, LINEAR_NAMES.index(name)),
-                                    1.0 - opts.lora_dropout, x32.shape)
+                                    1.0 - opts.lora_dropout, x.shape).reshape(x32.shape)
         x32 = jnp.where(keep, x32 / (1.0 - opts.lora_dropout), 0.0)
-    return ((x32 @ a.astype(jnp.float32)) @ b.astype(jnp.float32)) * opts.lora_scale
+    out = (x32 @ a.astype(jnp.float32)) @ b.astype(jnp.float32)
+    return (out * opts.lora_scale).reshape(*lead, b.shape[-1])
 
 
 def dense(x, p, name, lora, opts, rng, bias=None):

@@ -12,16 +12,16 @@ import functools
 import json
 import os
 import re
-import tempfile
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xft_jax import sharding
+from xft_jax import atomic, sharding
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import Decoder, leaf_axes
 from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
@@ -112,33 +112,84 @@ def _hf_tensors_of(keys: list[str], shape: tuple[int, ...]):
 
 
 # ------------------------------------------------------------------------ loading
-def _read_tensor(f: SafetensorsFile, name: str, leaf: str, index, shape, np_dtype):
-    """The slice ``index`` (over OUR layout: [in, out] when transposed) of one HF tensor."""
+# Source dtypes staged as stored and cast on device (when no wider than the target).
+_DEVICE_CAST = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
+
+
+def _stage_dtype(f: SafetensorsFile, name: str, np_dtype: np.dtype) -> np.dtype:
+    """The dtype a tensor is staged in on the host: its own when the device can cast it
+    and it is no wider than the target (staging stays at most target-sized), else the
+    target (cast on the host)."""
+    src = np.dtype(f.tensors[name]["dtype"])
+    return src if src in _DEVICE_CAST and src.itemsize <= np_dtype.itemsize else np_dtype
+
+
+def _read_hf(f: SafetensorsFile, name: str, index, shape, stage_dtype):
+    """The slice ``index`` of one tensor in HF's own layout (as stored, so no host
+    transpose). ``read_block`` reads only this shard's columns: on several hosts each
+    host reads only its own part."""
     norm = tuple(slice(*s.indices(n)) for s, n in zip(
         tuple(index) + (slice(None),) * (len(shape) - len(index)), shape))
-    # read_block reads only this shard's columns, so each host reads only its own part
-    if leaf in TRANSPOSED:                         # HF [out, in]: rows = our out dim
-        part = f.read_block(name, norm[1], norm[0]).T
-    else:
-        part = f.read_block(name, norm[0], norm[1] if len(norm) > 1 else None)
-    return np.ascontiguousarray(part, dtype=np_dtype)
+    part = f.read_block(name, norm[0], norm[1] if len(norm) > 1 else None)
+    return np.ascontiguousarray(part, dtype=stage_dtype)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, layer, i):
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
+def _hf_sharding(shard, ndim: int):
+    """Sharding of a transposed leaf's HF-layout [..., out, in] tensor: our spec with
+    the last two dims swapped, so the on-device transpose lands exactly on ``shard``."""
+    if not isinstance(shard, NamedSharding):
+        return shard
+    spec = tuple(shard.spec) + (None,) * (ndim - len(shard.spec))
+    return NamedSharding(shard.mesh, P(*spec[:-2], spec[-1], spec[-2]))
+
+
+def _read_array(f, name, leaf, shape, shard, np_dtype):
+    """(HF-layout device array, whether it still needs a transpose to ``shape``)."""
+    transpose = leaf in TRANSPOSED
+    hf_shape = tuple(shape[:-2]) + (shape[-1], shape[-2]) if transpose else tuple(shape)
+    stage = _stage_dtype(f, name, np_dtype)
+    arr = jax.make_array_from_callback(
+        hf_shape, _hf_sharding(shard, len(shape)) if transpose else shard,
+        lambda idx: _read_hf(f, name, idx, hf_shape, stage))
+    return arr, transpose
+
+
+def _to_ours(x, transpose: bool, dtype):
+    x = jnp.swapaxes(x, -1, -2) if transpose else x
+    return x.astype(dtype)
+
+
+def _convert(arr, transpose: bool, shard, np_dtype):
+    """HF layout/staging dtype -> our layout and dtype, on device (XLA transposes)."""
+    if not transpose and arr.dtype == np_dtype:
+        return arr
+    return jax.jit(functools.partial(_to_ours, transpose=transpose, dtype=np_dtype),
+                   out_shardings=shard)(arr)
+
+
+def _start_stack(layer, n: int, transpose: bool, dtype):
+    """The stacked [n, ...] buffer with layer 0 written, in one program (no separate
+    zero-fill pass over the whole buffer)."""
+    x = _to_ours(layer, transpose, dtype)
+    return jnp.zeros((n,) + x.shape, x.dtype).at[0].set(x)
+
+
+def _set_layer(stacked, layer, i, transpose: bool):
+    return jax.lax.dynamic_update_index_in_dim(
+        stacked, _to_ours(layer, transpose, stacked.dtype), i, 0)
 
 
 def _load_leaf(files, keys, shape, shard, np_dtype, layer_transform=None):
     """One parameter as a device array. A stacked layer leaf is filled one layer at a time
-    into a donated device buffer, so the host never stages more than one layer.
+    into a donated device buffer, so the host never stages more than one layer; each
+    layer is staged as stored (HF [out, in]) and transposed/cast on device.
     ``layer_transform(keys, layer)`` (quantisation) maps each layer as it is read; its
     result (any pytree) is stacked instead."""
     leaf = keys[-1]
     if keys[0] != "layers":
         name = HF_TOP_NAMES[leaf]
-        arr = jax.make_array_from_callback(
-            shape, shard, lambda idx: _read_tensor(files[name], name, leaf, idx, shape, np_dtype))
+        arr, transpose = _read_array(files[name], name, leaf, shape, shard, np_dtype)
+        arr = _convert(arr, transpose, shard, np_dtype)
         return arr if layer_transform is None else layer_transform(tuple(keys), arr)
     if isinstance(shard, NamedSharding):
         spec = tuple(shard.spec) + (None,) * (len(shape) - len(shard.spec))
@@ -148,13 +199,15 @@ def _load_leaf(files, keys, shape, shard, np_dtype, layer_transform=None):
     if layer_transform is not None:
         return _load_transformed_layers(files, keys, shape, layer_shard, np_dtype,
                                         layer_transform)
-    stacked = jax.jit(lambda: jnp.zeros(shape, np_dtype), out_shardings=shard)()
+    stacked = None
+    start = jax.jit(_start_stack, static_argnums=(1, 2, 3), out_shardings=shard)
+    put = jax.jit(_set_layer, static_argnums=3, donate_argnums=0, out_shardings=shard)
     for i in range(shape[0]):
         name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
-        layer = jax.make_array_from_callback(
-            shape[1:], layer_shard,
-            lambda idx, name=name: _read_tensor(files[name], name, leaf, idx, shape[1:], np_dtype))
-        stacked = _set_layer(stacked, layer, i)
+        layer, transpose = _read_array(files[name], name, leaf, shape[1:], layer_shard,
+                                       np_dtype)
+        stacked = (start(layer, shape[0], transpose, np_dtype) if stacked is None
+                   else put(stacked, layer, i, transpose))
         del layer
     return stacked
 
@@ -171,20 +224,23 @@ def _load_transformed_layers(files, keys, shape, layer_shard, np_dtype, transfor
     leaf, stacked = keys[-1], None
     for i in range(shape[0]):
         name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
-        layer = jax.make_array_from_callback(
-            shape[1:], layer_shard,
-            lambda idx, name=name: _read_tensor(files[name], name, leaf, idx, shape[1:], np_dtype))
+        layer, transpose = _read_array(files[name], name, leaf, shape[1:], layer_shard,
+                                       np_dtype)
+        layer = _convert(layer, transpose, layer_shard, np_dtype)
         out = transform(tuple(keys), layer)
         del layer
         if stacked is None:
-            shapes = jax.tree.map(lambda x: ((shape[0],) + x.shape, x.dtype), out)
             shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
-            stacked = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(*x), shapes,
-                                                   is_leaf=lambda x: isinstance(x, tuple)),
-                              out_shardings=shards)()
-        stacked = _set_layer_tree(stacked, out, i)
+            stacked = jax.jit(functools.partial(_start_stack_tree, n=shape[0]),
+                              out_shardings=shards)(out)
+        else:
+            stacked = _set_layer_tree(stacked, out, i)
         jax.block_until_ready(stacked)
     return stacked
+
+
+def _start_stack_tree(layer, n: int):
+    return jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype).at[0].set(x), layer)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -331,34 +387,16 @@ def save_pretrained(model: Decoder, path: str, max_shard_size: int | str = "5GB"
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        _atomic(os.path.join(path, name),
-                lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        with atomic.atomic_path(os.path.join(path, name)) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": int(sum(sizes))},
                  "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
-        _atomic(os.path.join(path, "model.safetensors.index.json"),
-                lambda tmp: _write_json(tmp, index))
+        atomic.write_json(os.path.join(path, "model.safetensors.index.json"), index)
     cfg_dict = model.config.to_hf_dict()
     if dtype is not None:
         cfg_dict["torch_dtype"] = str(np.dtype(jnp.dtype(dtype)))
-    _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, cfg_dict))
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _atomic(dest: str, writer: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".tmp_")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic.write_json(os.path.join(path, "config.json"), cfg_dict)
 
 
 def _parse_size(size: int | str) -> int:

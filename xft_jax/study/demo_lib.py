@@ -10,6 +10,7 @@ import time
 
 from tqdm import tqdm
 
+from xft_jax import atomic
 from xft_jax.data import synthetic
 from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
 from xft_jax.study import grid, pretrain, probe_summary, report_io
@@ -47,7 +48,9 @@ def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> No
     ec = eval_config(workdir, c)
     eval_lib.run_evaluation(ec, os.path.join(root, "eval"))
     if c.probe:
-        probe_report.run_probes(ec, os.path.join(root, "probe"), [workdir])
+        pc = copy.deepcopy(ec)
+        pc.data.max_examples = int(c.eval.probe_examples)
+        probe_report.run_probes(pc, os.path.join(root, "probe"), [workdir])
 
 
 def majority_rates(sweep_dir: str, cells) -> dict[str, float]:
@@ -102,7 +105,7 @@ def run_demo(c, log=print) -> dict:
               f"- wall time: {time.time() - t0:.0f} s (of which pre-training or cache check "
               f"{t_pre:.0f} s)"]
     text = text + "\n".join(extra) + "\n"
-    report_io._atomic_text(os.path.join(report_dir, "report.md"), text)
+    atomic.write_text(os.path.join(report_dir, "report.md"), text)
     return {"report": text, "report_dir": report_dir, "majority": majority,
             "seconds": time.time() - t0}
 

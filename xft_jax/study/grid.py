@@ -15,9 +15,10 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Iterable, Sequence
+
+from xft_jax import atomic
 
 SOURCES = ("chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected", "amazon_qa", "coqa",
            "cornell_movie")
@@ -77,12 +78,7 @@ def read_status(sweep_dir: str, cell: Cell) -> dict:
 
 
 def write_status(sweep_dir: str, cell: Cell, status: dict) -> None:
-    d = os.path.join(sweep_dir, cell.rel)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".status_")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(status, f, indent=2)
-    os.replace(tmp, os.path.join(d, "status.json"))
+    atomic.write_json(os.path.join(sweep_dir, cell.rel, "status.json"), status)
 
 
 def is_done(sweep_dir: str, cell: Cell, probe: bool) -> bool:

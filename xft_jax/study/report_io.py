@@ -5,18 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from typing import Sequence
 
+from xft_jax import atomic
 from xft_jax.study import plots, tables
 from xft_jax.study.grid import Cell, cells
-
-
-def _atomic_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def grid_of(sweep_dir: str) -> dict:
@@ -50,14 +43,12 @@ def write_report(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Seq
     if probe_summary is not None:
         parts += ["", probe_summary(sweep_dir, out_dir, sources, axes, variants, seeds)]
     text = "\n".join(parts) + "\n"
-    _atomic_text(os.path.join(out_dir, "report.md"), text)
+    atomic.write_text(os.path.join(out_dir, "report.md"), text)
     rows = tables.csv_rows(data, settings, variants)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+    with atomic.atomic_open(os.path.join(out_dir, "results.csv"), newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, os.path.join(out_dir, "results.csv"))
     return text
 
 

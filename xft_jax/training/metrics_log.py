@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import jax
+
+from xft_jax import atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -47,11 +48,9 @@ class RunLogger:
         if not self.primary:
             return
         kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
-        fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp_metrics")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic.atomic_open(self.path) as f:
             for r in kept:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
         self.file = open(self.path, "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
         from tqdm import tqdm

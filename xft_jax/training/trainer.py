@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 
@@ -23,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
-from xft_jax import sharding
+from xft_jax import atomic, sharding
 from xft_jax.models import hf_io
 from xft_jax.models.tokenizer import load_tokenizer
 from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim
@@ -82,10 +81,8 @@ def save_config(config, workdir: str) -> None:
     """The resolved config (after overrides), atomically, by process 0."""
     if jax.process_index() != 0:
         return
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp_config")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    atomic.write_text(os.path.join(workdir, CONFIG_FILE),
+                      config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def make_mesh(config, devices=None):

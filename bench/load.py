@@ -1,0 +1,169 @@
+"""Checkpoint loading: ours (``models.load_pretrained`` into device arrays) vs reading the
+raw bytes vs ``transformers.AutoModelForCausalLM.from_pretrained``; time and peak RSS.
+
+    python bench/load.py --size=cpu      # smoke | cpu | gpu | gpu_smoke
+
+The checkpoint is a random HF safetensors directory (cpu size: ~1.4 GB float32, sharded
+at 512 MB like HF's own saves). Each loader runs in a fresh child process; the page
+cache is warmed by one unreported raw read first, so all read from memory and the
+numbers compare the loaders, not the disk. Two raw reads are reported: into one reused
+64 MB buffer (the target's reference: page-cache copy speed) and into fresh arrays (what
+any loader must at least do; on a VM, first-touch page faults dominate it).
+transformers' CPU weights can stay lazily memory-mapped after ``from_pretrained``, so
+its child reads every weight once (a sum) before the clock stops. Peak RSS: the child
+resets its high-water mark (``/proc/self/clear_refs`` = 5) after its imports and reads
+``VmHWM`` afterwards; "extra" is that peak minus the RSS before loading (imports
+excluded). On the GPU sizes the model lands in GPU memory, so host RSS is staging only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench import common  # noqa: E402
+
+_SIZE = flags.DEFINE_enum("size", "cpu", common.SIZES, "Benchmark size.")
+_OUT = flags.DEFINE_string("out", None, "Directory for the JSON result (default "
+                           "bench/results).")
+_NO_RECORD = flags.DEFINE_bool("no_record", False, "Do not append to bench/RESULTS.md.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds per child process.")
+_CHILD = flags.DEFINE_enum("child", None, list(("raw", "raw_fresh", "ours", "hf")),
+                           "Internal: one loader.")
+_CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's JSON path.")
+_CKPT = flags.DEFINE_string("ckpt", None, "Internal: checkpoint directory.")
+
+SPEED_TARGET, RSS_TARGET = 0.7, 1.3
+
+
+def _files(ckpt: str) -> list[str]:
+    return sorted(os.path.join(ckpt, n) for n in os.listdir(ckpt) if n.endswith(".safetensors"))
+
+
+def load_raw(ckpt: str, dtype: str):
+    """Reads every byte of every shard into one reused 64 MB buffer."""
+    buf = bytearray(min(64 * 2**20, max(os.path.getsize(p) for p in _files(ckpt))))
+    view = memoryview(buf)
+    total = 0
+    for path in _files(ckpt):
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(view)
+                if not n:
+                    break
+                total += n
+    return total
+
+
+def load_raw_fresh(ckpt: str, dtype: str):
+    """Reads every byte into newly allocated arrays (one per shard file): the least any
+    loader must do, since the weights must end up in fresh memory."""
+    return [np.fromfile(p, dtype=np.uint8) for p in _files(ckpt)]
+
+
+def load_ours(ckpt: str, dtype: str):
+    import jax
+    import jax.numpy as jnp
+
+    from xft_jax.models import hf_io
+
+    model = hf_io.load_pretrained(ckpt, dtype=jnp.dtype(dtype))
+    jax.block_until_ready(model.params())
+    return model
+
+
+def load_hf(ckpt: str, dtype: str):
+    import torch
+    import transformers
+
+    kw = {"device_map": "cuda"} if torch.cuda.is_available() else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=getattr(torch, dtype), **kw)
+    # from_pretrained may leave CPU weights as lazy views of the memory-mapped files;
+    # reading every weight once makes "loaded" mean the same on both sides.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.float().sum().item()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return model
+
+
+LOADERS = {"raw": load_raw, "raw_fresh": load_raw_fresh, "ours": load_ours, "hf": load_hf}
+
+
+def child(kind: str, ckpt: str, dtype: str) -> dict:
+    # Imports and runtime start-up happen before the clock and the RSS reset.
+    if kind == "ours":
+        import jax
+        jax.devices()
+    elif kind == "hf":
+        common.torch_setup()
+        import transformers  # noqa: F401
+    before = common.reset_peak_rss()
+    t0 = time.perf_counter()
+    obj = LOADERS[kind](ckpt, dtype)
+    seconds = time.perf_counter() - t0
+    peak = common.peak_rss()
+    del obj
+    return {"seconds": seconds, "rss_before": before, "peak_rss": peak,
+            "extra_rss": peak - before}
+
+
+def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
+    sp = common.spec(size)
+    ld = sp["load"]
+    ckpt = common.checkpoint(ld["model"], ld["dtype"])
+    size_b = common.checkpoint_bytes(ckpt)
+    args = [f"--size={size}", f"--ckpt={ckpt}"]
+    load_raw(ckpt, ld["dtype"])                     # warm the page cache (not reported)
+    res = {k: common.run_child("load.py", args + [f"--child={k}"], _TIMEOUT.value)
+           for k in ("raw", "raw_fresh", "ours", "hf")}
+    speed = {k: size_b / r["seconds"] for k, r in res.items()}
+    rss = {k: r["extra_rss"] / size_b for k, r in res.items()}
+    case = f"{common.fmt(size_b, 'B')} {ld['dtype']}"
+    rows = [
+        dict(case=case, metric="load speed vs raw read", ours=common.fmt(speed["ours"], "B") + "/s",
+             peer=common.fmt(speed["raw"], "B") + "/s", ratio=speed["ours"] / speed["raw"],
+             target=f">= {SPEED_TARGET}x", met=speed["ours"] / speed["raw"] >= SPEED_TARGET),
+        dict(case=case, metric="load speed vs raw read into fresh arrays",
+             ours=common.fmt(speed["ours"], "B") + "/s",
+             peer=common.fmt(speed["raw_fresh"], "B") + "/s",
+             ratio=speed["ours"] / speed["raw_fresh"]),
+        dict(case=case, metric="load time vs transformers (+ read every weight)",
+             ours=f"{res['ours']['seconds']:.2f} s",
+             peer=f"{res['hf']['seconds']:.2f} s",
+             ratio=res["hf"]["seconds"] / res["ours"]["seconds"]),
+        dict(case=case, metric="peak extra RSS / checkpoint (ours, raw)",
+             ours=f"{rss['ours']:.2f}", peer=f"{rss['raw']:.2f}", target=f"<= {RSS_TARGET}",
+             met=rss["ours"] <= RSS_TARGET),
+        dict(case=case, metric="peak extra RSS / checkpoint (ours, transformers)",
+             ours=f"{rss['ours']:.2f}", peer=f"{rss['hf']:.2f}",
+             ratio=rss["ours"] / rss["hf"] if rss["hf"] > 0 else None),
+        dict(case=case, metric="peak RSS incl. imports (ours, transformers)",
+             ours=common.fmt(res["ours"]["peak_rss"], "B"),
+             peer=common.fmt(res["hf"]["peak_rss"], "B")),
+    ]
+    details = {"checkpoint": ckpt, "bytes": size_b, "raw": res, "speed": speed,
+               "rss_ratio": rss}
+    section = common.record("load", size, rows, details, out, write_md, argv)
+    print(section)
+    return {"rows": rows, "details": details}
+
+
+def main(argv):
+    sp = common.spec(_SIZE.value)
+    if _CHILD.value:
+        common.write_child(_CHILD_OUT.value, child(_CHILD.value, _CKPT.value, sp["load"]["dtype"]))
+        return
+    run(_SIZE.value, _OUT.value, not _NO_RECORD.value, sys.argv)
+
+
+if __name__ == "__main__":
+    app.run(main)

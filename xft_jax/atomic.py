@@ -1,0 +1,48 @@
+"""Atomic file writes: write beside the destination, rename into place only on success,
+so a crash or a full disk never leaves a half-written file where a good one was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str) -> Iterator[str]:
+    """Yields a temporary path next to ``dest``; renamed onto ``dest`` if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dest)}.",
+                               suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(dest: str, mode: str = "w", encoding: str | None = "utf-8",
+                newline: str | None = None):
+    """``open`` for writing, atomically (flushed and fsynced before the rename)."""
+    with atomic_path(dest) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding,
+                  newline=None if "b" in mode else newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text(dest: str, text: str) -> None:
+    with atomic_open(dest, newline="") as f:
+        f.write(text)
+
+
+def write_json(dest: str, obj: Any, **dump_kwargs) -> None:
+    write_text(dest, json.dumps(obj, indent=2, **dump_kwargs) + "\n")
