@@ -4,10 +4,12 @@ r"""Rates a source's conversations with an LLM ensemble and writes JSONL + a TFD
         --annotators=annotators.json --summarizer=mixtral --out_dir=rated/
 
 annotators.json is a list of OpenAI-compatible endpoints (keys come from the environment
-variables they name, never from the file):
+variables they name, never from the file) and/or local xft_jax checkpoints:
 
     [{"name": "mixtral", "base_url": "http://localhost:8000/v1",
-      "model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "api_key_env": "VLLM_KEY"}]
+      "model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "api_key_env": "VLLM_KEY"},
+     {"type": "local", "name": "mistral7b", "path": "/models/Mistral-7B-Instruct-v0.2",
+      "dtype": "bfloat16", "max_new_tokens": 128}]
 
 Each item is rated per axis by every annotator under four prompt variants; answers are
 cached in --cache, so rerunning after a crash or Ctrl-C sends no request twice. For
@@ -22,7 +24,8 @@ import sys
 
 from absl import app, flags, logging
 
-from xft_jax.data import annotation, export, openai_client, sources, splits, synthetic
+from xft_jax.data import (annotation, export, local_annotator, openai_client, sources, splits,
+                          synthetic)
 from xft_jax.data.annotation_prompts import VARIANTS
 from xft_jax.data.readers import DataError, LoadReport
 
@@ -61,8 +64,9 @@ def _load_annotators(path: str) -> list:
     defaults = {"timeout": _TIMEOUT.value, "max_retries": _MAX_RETRIES.value,
                 "backoff": _BACKOFF.value}
     try:
-        return [openai_client.from_config(c, **defaults) for c in cfgs]
-    except ValueError as e:
+        return [local_annotator.from_config(c) if isinstance(c, dict) and c.get("type") == "local"
+                else openai_client.from_config(c, **defaults) for c in cfgs]
+    except (ValueError, OSError) as e:
         raise app.UsageError(f"{path}: {e}") from None
 
 
