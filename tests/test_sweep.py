@@ -64,3 +64,31 @@ def test_rerun_skips_finished_and_retries_failed(tmp_path):
     assert calls[bad.rel] == 2 and all(n == 1 for rel, n in calls.items() if rel != bad.rel)
     r4 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=3, log=lambda *_: None)
     assert r4["done"] == [bad] and len(r4["skipped"]) == 3
+
+
+def test_launcher_mode_writes_one_job_per_pending_cell(tmp_path):
+    """With a launcher, each pending cell becomes a job script handed to launch/ (here in
+    the launcher's dry-run mode, so nothing runs); finished cells are not resubmitted."""
+    sweep = str(tmp_path)
+    done = grid.Cell("coqa", "naturalness", "explanation", 0)
+    root = os.path.join(sweep, done.rel)
+    os.makedirs(os.path.join(root, "eval"))
+    open(os.path.join(root, "eval", "metrics.json"), "w").write("{}")
+    open(os.path.join(root, "eval", "predictions.csv"), "w").write("id,gold,predicted\n")
+    env = dict(os.environ, DRY_RUN="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
+         f"--sweep_dir={sweep}", "--config.launcher=gpu_node", "--config.probe=False",
+         "--config.sources=('coqa',)", "--config.axes=('naturalness',)",
+         "--config.variants=('label_only','explanation')", "--config.seeds=(0,)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = sorted(os.listdir(os.path.join(sweep, "jobs")))
+    assert jobs == ["coqa__naturalness__label_only__seed0.sh"]
+    script = open(os.path.join(sweep, "jobs", jobs[0])).read()
+    assert "-m xft_jax.train" in script and "--config.data.target=label_only" in script
+    assert "-m xft_jax.evaluate" in script and "xft_jax.probe" not in script
+    launched = [l for l in out.stdout.splitlines() if l.startswith("+ ")]
+    assert len(launched) == 1 and jobs[0] in launched[0]
+    assert '"submitted": 1' in out.stdout and '"skipped": 1' in out.stdout
+    assert not os.path.exists(os.path.join(sweep, "coqa", "naturalness", "label_only"))

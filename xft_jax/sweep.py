@@ -80,8 +80,8 @@ def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher):
         with open(script, "w", encoding="utf-8") as f:
             f.write(grid.job_script(cell, commands_of(cell)))
         os.chmod(script, 0o755)
-        cmd = (["sbatch", launcher, "bash", script] if launcher.endswith(".sbatch")
-               else ["bash", launcher, "bash", script])
+        cmd = (["sbatch", launcher, "--", "bash", script] if launcher.endswith(".sbatch")
+               else ["bash", launcher, "--", "bash", script])
         logging.info("submitting %s", shlex.join(cmd))
         subprocess.run(cmd, check=True)
         result["submitted"].append(cell)
