@@ -79,18 +79,26 @@ def test_sharded_save_writes_index(hf_checkpoint, tmp_path):
     assert np.abs(np.asarray(again(jnp.asarray(ids))) - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_sources(tmp_path, dtype):
-    path = make_hf_checkpoint(str(tmp_path / "half"), "llama", dtype=dtype)
-    model = models.load_pretrained(path)  # cast to fp32 on read
-    ref = {k: torch.tensor(v.astype(np.float32)) for k, v in _tensors(path).items()
-           } if dtype == torch.float16 else None
-    emb = np.asarray(model.params()["embed"])
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_tensor_cast_like_torch_for_each_dtype_and_mesh(tmp_path, source):
+    """Source dtype x parameter dtype x (one device, a 2x2x2 mesh): every tensor equals
+    torch's own cast of the stored tensor, bit for bit, and every leaf has the dtype."""
     from safetensors.torch import load_file
 
-    src = load_file(os.path.join(path, "model.safetensors"))["model.embed_tokens.weight"]
-    np.testing.assert_array_equal(emb, src.float().numpy())
-    del ref
+    from xft_jax import sharding
+
+    path = make_hf_checkpoint(str(tmp_path / "ckpt"), "llama", dtype=source)
+    src = load_file(os.path.join(path, "model.safetensors"))
+    for target in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for mesh in (None, sharding.create_mesh(2, 2, 2)):
+            model = models.load_pretrained(path, dtype=target, mesh=mesh)
+            got = dict(models.hf_io.hf_state_items(model))
+            assert set(got) == set(src)
+            for name, tensor in src.items():
+                want = tensor.to(getattr(torch, jnp.dtype(target).name)).float().numpy()
+                np.testing.assert_array_equal(got[name].astype(np.float32), want,
+                                              err_msg=f"{name} {source}->{target}")
+            assert all(leaf.dtype == target for leaf in jax.tree.leaves(model.params()))
 
 
 # ------------------------------------------------------------------ loader errors
