@@ -46,3 +46,19 @@ def write_text(dest: str, text: str) -> None:
 
 def write_json(dest: str, obj: Any, **dump_kwargs) -> None:
     write_text(dest, json.dumps(obj, indent=2, **dump_kwargs) + "\n")
+
+
+def replace_dir(staging: str, final: str) -> None:
+    """Puts a finished directory at ``final``. An existing one is first moved aside and
+    removed only once the new one is in place, so ``final`` is never left half-written."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}-old-")
+        os.replace(final, os.path.join(old, "d"))
+    os.replace(staging, final)
+    if old:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from typing import Sequence
 
+from xft_jax import atomic
 from xft_jax.data.aggregate import annotator_agreement, label_distribution
 from xft_jax.data.readers import write_json
 from xft_jax.data.schema import AXES, RatedExample
@@ -55,14 +56,7 @@ def export(out_dir: str, source: str, train: Sequence[RatedExample],
 
             paths["tfds"] = tfds_builder.build(staging_root, os.path.join(out_dir, "tfds"),
                                                source)
-        final = os.path.join(out_dir, source)
-        old = None
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(dir=out_dir, prefix=f".{source}-old-")
-            os.replace(final, os.path.join(old, source))
-        os.replace(staging, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.replace_dir(staging, os.path.join(out_dir, source))
         return paths
     finally:
         with contextlib.suppress(OSError):

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from xft_jax import atomic
 from xft_jax.data.schema import AXES, AxisRating, Conversation, RatedExample
 from xft_jax.data.sources import SOURCES
 from xft_jax.data.splits import read_rated_jsonl
@@ -126,14 +127,7 @@ def build(jsonl_dir: str, data_dir: str, source: str) -> str:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=jsonl_dir))
         final = dataset_dir(data_dir, source)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        old = None
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".old-")
-            os.replace(final, os.path.join(old, "v"))
-        os.replace(os.fspath(builder.data_dir), final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.replace_dir(os.fspath(builder.data_dir), final)
         return final
     finally:
         with contextlib.suppress(OSError):

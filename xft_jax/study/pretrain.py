@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -22,6 +21,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from xft_jax import atomic
 from xft_jax.models import config as model_config
 from xft_jax.models import decoder, hf_io
 
@@ -133,9 +133,7 @@ def pretrain(texts, tokenizer, recipe: PretrainRecipe, out_dir: str, *,
                    "softmax_vocab": int(len(vocab_ids)),
                    "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
                    "seconds": time.time() - t0, "windows": int(len(windows))}, f, indent=2)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    atomic.replace_dir(tmp, out_dir)
     log(f"[pretrain] loss {losses[0]:.2f} -> {np.mean(losses[-10:]):.2f} in "
         f"{time.time() - t0:.0f}s; saved {out_dir}")
     return out_dir
