@@ -180,22 +180,8 @@ def _convert(arr, transpose: bool, shard, np_dtype):
     return arr if arr.dtype == np_dtype else _jitted(_astype, shard, np_dtype)(arr)
 
 
-def _start_stack(layer, n: int, dtype):
-    """The stacked [n, ...] buffer with layer 0 written, in one program (the zero-fill
-    is fused into it instead of being a program and a dispatch of its own)."""
-    return jnp.zeros((n,) + layer.shape, dtype).at[0].set(layer.astype(dtype))
-
-
-def _set_layer(stacked, layer, i):
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, 0)
-
-
 def _load_leaf(files, keys, shape, shard, np_dtype, layer_transform=None):
-    """One parameter as a device array. A stacked layer leaf is filled one layer at a time
-    into a donated device buffer, so the host never stages more than one layer; each
-    layer is staged as stored (HF [out, in]) and transposed/cast on device.
-    ``layer_transform(keys, layer)`` (quantisation) maps each layer as it is read; its
-    result (any pytree) is stacked instead."""
+    """One parameter as a device array (or, with ``layer_transform``, a pytree of them)."""
     leaf = keys[-1]
     if keys[0] != "layers":
         name = HF_TOP_NAMES[leaf]
@@ -207,21 +193,7 @@ def _load_leaf(files, keys, shape, shard, np_dtype, layer_transform=None):
         layer_shard = NamedSharding(shard.mesh, P(*spec[1:]))
     else:
         layer_shard = shard
-    if layer_transform is not None:
-        return _load_transformed_layers(files, keys, shape, layer_shard, np_dtype,
-                                        layer_transform)
-    stacked = None
-    start = jax.jit(_start_stack, static_argnums=(1, 2), out_shardings=shard)
-    put = jax.jit(_set_layer, donate_argnums=0, out_shardings=shard)
-    for i in range(shape[0]):
-        name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
-        layer = _transposed(*_read_array(files[name], name, leaf, shape[1:], layer_shard,
-                                         np_dtype), layer_shard)
-        stacked = (start(layer, shape[0], np_dtype) if stacked is None
-                   else put(stacked, layer, i))
-        del layer
-        jax.block_until_ready(stacked)    # else staged layers pile up on the host
-    return stacked
+    return _load_layers(files, keys, shape, layer_shard, np_dtype, layer_transform)
 
 
 def _stacked_sharding(s):
@@ -230,33 +202,36 @@ def _stacked_sharding(s):
     return s
 
 
-def _load_transformed_layers(files, keys, shape, layer_shard, np_dtype, transform):
-    """Like the stacked path of ``_load_leaf``, each layer mapped by ``transform`` before
-    it is written into per-child stacked buffers (the dense layer is dropped at once)."""
+def _load_layers(files, keys, shape, layer_shard, np_dtype, transform=None):
+    """A stacked layer leaf, one layer at a time: each layer is staged as stored (HF
+    [out, in]), transposed and cast on device, mapped by ``transform`` (quantisation) when
+    given, and written into donated stacked buffers (one per pytree child). The host never
+    stages more than one layer, and the dense layer is dropped as soon as it is written."""
     leaf, stacked = keys[-1], None
     for i in range(shape[0]):
         name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
-        layer, transpose = _read_array(files[name], name, leaf, shape[1:], layer_shard,
-                                       np_dtype)
-        layer = _convert(layer, transpose, layer_shard, np_dtype)
-        out = transform(tuple(keys), layer)
+        layer = _convert(*_read_array(files[name], name, leaf, shape[1:], layer_shard,
+                                      np_dtype), layer_shard, np_dtype)
+        out = layer if transform is None else transform(tuple(keys), layer)
         del layer
         if stacked is None:
             shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
-            stacked = jax.jit(functools.partial(_start_stack_tree, n=shape[0]),
+            stacked = jax.jit(functools.partial(_start_stack, n=shape[0]),
                               out_shardings=shards)(out)
         else:
-            stacked = _set_layer_tree(stacked, out, i)
-        jax.block_until_ready(stacked)
+            stacked = _set_layer(stacked, out, i)
+        jax.block_until_ready(stacked)    # else staged layers pile up on the host
     return stacked
 
 
-def _start_stack_tree(layer, n: int):
+def _start_stack(layer, n: int):
+    """The stacked [n, ...] buffers with layer 0 written, in one program (the zero-fill
+    is fused into it instead of being a program and a dispatch of its own)."""
     return jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype).at[0].set(x), layer)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer_tree(stacked, layer, i):
+def _set_layer(stacked, layer, i):
     return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0),
                         stacked, layer)
 
