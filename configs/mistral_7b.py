@@ -1,7 +1,8 @@
 """The paper's set-up as far as it is known: Mistral-7B-v0.1, LoRA on all linear layers.
 
-The paper used a 4-bit quantised base; here the base is bf16 (a quantised-weight hook
-exists in the decoder). ``--config=configs/mistral_7b.py:source,axis,target``.
+The base is bf16 by default; the paper's 4-bit base is ``--config.model.quantization=nf4``
+(QLoRA: NF4 blocks of 64, see xft_jax.quantization).
+``--config=configs/mistral_7b.py:source,axis,target``.
 """
 
 import os
