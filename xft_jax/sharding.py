@@ -121,13 +121,6 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules, shape, mesh))
 
 
-def tree_shardings(mesh: Mesh, axes_tree, shapes_tree, rules=None):
-    """NamedShardings for a pytree of logical-axis tuples and a matching tree of shapes."""
-    return jax.tree.map(
-        lambda ax, s: named_sharding(mesh, ax, getattr(s, "shape", s), rules),
-        axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
-
-
 # --------------------------------------------------------------- activation constraints
 _ACTIVE = threading.local()
 

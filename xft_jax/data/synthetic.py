@@ -138,7 +138,7 @@ def _context(rng: random.Random, domain: str, subject: str, asks: list[str]) -> 
         story = (f"{subject} lived in a small house by the river with an old grey cat named "
                  f"Pepper. Every Saturday {subject} walked to the market. One day it rained "
                  f"all afternoon, so {subject} stayed home and baked a pie.")
-        return [("Story", story), ("User", f"Who is the story about?"),
+        return [("Story", story), ("User", "Who is the story about?"),
                 ("Assistant", subject), ("User", f"Now tell me {ask}.")]
     if domain == "movie_dialogue":
         other = rng.choice([n for n in _DOMAINS["movie_dialogue"][0] if n != subject])

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from xft_jax import atomic
 from xft_jax.study import plots, tables
-from xft_jax.study.grid import Cell, cells
+from xft_jax.study.grid import cells
 
 
 def grid_of(sweep_dir: str) -> dict:
@@ -61,4 +61,4 @@ def default_probe_summary():
     return probe_summary.summarize
 
 
-__all__ = ["write_report", "grid_of", "default_probe_summary", "Cell"]
+__all__ = ["write_report", "grid_of", "default_probe_summary"]
