@@ -43,6 +43,8 @@ _MISTRAL7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
 # train: (batch, seq) per case; remat applies to both sides (ours: policy, torch:
 # gradient checkpointing). gpu_smoke runs the GPU code path (bf16, SDPA, remat, two
 # sequence lengths, device memory) at a tiny shape so it can be exercised on a CPU.
+# attention: our implementations to time, each in its own child (the fastest is "ours";
+# one that fails, e.g. cuDNN without a GPU, is reported as failed).
 SPECS = {
     "smoke": dict(model=_TINY, dtype="float32", remat="none",
                   train=dict(cases=[(2, 32)], warmup=1, steps=2),
@@ -54,12 +56,13 @@ SPECS = {
                 load=dict(model=dict(_MID, num_hidden_layers=24), dtype="float32"),
                 matmul=2048, target_frac=0.125),
     "gpu": dict(model=_MISTRAL7B, dtype="bfloat16", remat="full",
+                attention=("xla", "cudnn"),
                 train=dict(cases=[(16, 512), (8, 1024)], warmup=2, steps=5),
                 eval=dict(batch=16, seq=1024, warmup=2, reps=5),
                 load=dict(model=_MISTRAL7B, dtype="bfloat16"), matmul=8192,
                 target_frac=0.125),
     "gpu_smoke": dict(model=dict(_TINY, model_type="mistral", sliding_window=4096),
-                      dtype="bfloat16", remat="full",
+                      dtype="bfloat16", remat="full", attention=("xla", "cudnn"),
                       train=dict(cases=[(2, 32), (1, 64)], warmup=1, steps=2),
                       eval=dict(batch=4, seq=64, warmup=1, reps=2),
                       load=dict(model=dict(_TINY, model_type="mistral", sliding_window=4096),
@@ -326,6 +329,36 @@ def jax_device_memory() -> int | None:
 
 
 # ----------------------------------------------------------------------------- children
+def define_flags(children: list[str]):
+    """The flags every bench script has (size, output, record, timeout) and the internal
+    ones of its child processes (which side to run, where to write, which checkpoint)."""
+    from types import SimpleNamespace
+
+    from absl import flags
+
+    return SimpleNamespace(
+        size=flags.DEFINE_enum("size", "cpu", SIZES, "Benchmark size."),
+        out=flags.DEFINE_string("out", None, "Directory for the JSON result (default "
+                                "bench/results)."),
+        no_record=flags.DEFINE_bool("no_record", False, "Do not append to bench/RESULTS.md."),
+        timeout=flags.DEFINE_integer("timeout", 1800, "Seconds per child process."),
+        child=flags.DEFINE_enum("child", None, children, "Internal: run one side."),
+        child_out=flags.DEFINE_string("child_out", None, "Internal: the child's JSON path."),
+        ckpt=flags.DEFINE_string("ckpt", None, "Internal: checkpoint directory."))
+
+
+def bench_main(f, run, child):
+    """The absl main of a bench script: as a child, ``child(spec, kind, ckpt)`` writes
+    its JSON; else ``run(size, out, write_md, argv)`` runs the children and records."""
+    def main(argv):
+        sp = spec(f.size.value)
+        if f.child.value:
+            write_child(f.child_out.value, child(sp, f.child.value, f.ckpt.value))
+            return
+        run(f.size.value, f.out.value, not f.no_record.value, sys.argv)
+    return main
+
+
 def run_child(script: str, args: list[str], timeout: float) -> dict:
     """Runs ``python bench/<script> <args> --child_out=<json>``; returns its JSON.
     The child's output goes to our stderr; a failure raises with its tail."""

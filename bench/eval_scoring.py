@@ -21,19 +21,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app  # noqa: E402
 
 from bench import common  # noqa: E402
 
-_SIZE = flags.DEFINE_enum("size", "cpu", common.SIZES, "Benchmark size.")
-_OUT = flags.DEFINE_string("out", None, "Directory for the JSON result (default "
-                           "bench/results).")
-_NO_RECORD = flags.DEFINE_bool("no_record", False, "Do not append to bench/RESULTS.md.")
-_TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds per child process.")
-_CHILD = flags.DEFINE_enum("child", None, ["ours", "torch"],
-                           "Internal: run one side.")
-_CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's JSON path.")
-_CKPT = flags.DEFINE_string("ckpt", None, "Internal: checkpoint directory.")
+F = common.define_flags(["ours", "torch"])
 
 TARGET = 3.0
 
@@ -128,8 +120,8 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     e = sp["eval"]
     ckpt = common.checkpoint(sp["model"], sp["dtype"])
     args = [f"--size={size}", f"--ckpt={ckpt}"]
-    res = {"ours": common.run_child("eval_scoring.py", args + ["--child=ours"], _TIMEOUT.value)}
-    res.update(common.run_child("eval_scoring.py", args + ["--child=torch"], _TIMEOUT.value))
+    res = {"ours": common.run_child("eval_scoring.py", args + ["--child=ours"], F.timeout.value)}
+    res.update(common.run_child("eval_scoring.py", args + ["--child=torch"], F.timeout.value))
     # Best-of-N batch time: other processes share the machine (medians are in the JSON).
     eps = {k: e["batch"] / min(r["times"][e["warmup"]:]) for k, r in res.items()}
     eps_median = {k: e["batch"] / common.median(r["times"][e["warmup"]:])
@@ -164,15 +156,9 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     return {"rows": rows, "details": details}
 
 
-def main(argv):
-    sp = common.spec(_SIZE.value)
-    if _CHILD.value:
-        r = (child_torch(sp, _CKPT.value) if _CHILD.value == "torch"
-             else child_ours(sp, _CKPT.value))
-        common.write_child(_CHILD_OUT.value, r)
-        return
-    run(_SIZE.value, _OUT.value, not _NO_RECORD.value, sys.argv)
+def child(sp: dict, kind: str, ckpt: str) -> dict:
+    return child_torch(sp, ckpt) if kind == "torch" else child_ours(sp, ckpt)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.bench_main(F, run, child))

@@ -20,6 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"        # base parameter dtype
     c.model.compute_dtype = "bfloat16"
     c.model.remat = "full"            # none | full | dots
+    # None / "xla": masked attention in query blocks (packing allowed); "cudnn": mask-free
+    # fused attention on NVIDIA GPUs, one example per right-padded row (data.pack=False)
     c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)
     c.model.random = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
     # QLoRA: e.g. "nf4" quantises the frozen base while it is read (xft_jax.quantization)

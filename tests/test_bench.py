@@ -86,6 +86,17 @@ def test_train_step_gpu_path_on_cpu(tmp_path):
     rows = _rows(path)
     assert {r["case"] for r in rows} == {"B=2 T=32", "B=1 T=64"}
     assert all(r["met"] for r in _row(rows, "loss at step 1")), rows
+    # Each attention implementation is timed on its own; cuDNN needs a GPU, and a run
+    # without one reports it as failed instead of stopping.
+    assert len(_row(rows, "tokens/s, attention=xla")) == 2
+    for r in _row(rows, "tokens/s, attention=cudnn"):
+        if not jax_has_gpu():
+            assert r["ours"].startswith("failed: ") and "cuDNN" in r["ours"], r
+
+
+def jax_has_gpu() -> bool:
+    import jax
+    return any(d.platform == "gpu" for d in jax.devices())
 
 
 def test_train_flops_by_hand():

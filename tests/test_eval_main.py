@@ -86,6 +86,28 @@ def test_workdir_adapter_and_merged_agree(run_dir, tmp_path):
     assert np.abs(base_p - ref).max() > 1e-5     # the trained adapters do change the answer
 
 
+def test_eval_rows_are_prompt_and_label_whatever_the_variant(mistral_tokenizer):
+    """Runs trained on any target are scored on the same rows: prompt + label + eos."""
+    d = eval_lib.resolve_data(_config().data, None)
+    d.num_synthetic, d.max_len, d.max_examples = 40, 160, 12   # tight: long prompts cut
+    rows = {}
+    for target in ("label_only", "explanation", "shuffled"):
+        d.target = target
+        batches, info = eval_lib.eval_batches(d, mistral_tokenizer, 4)
+        assert info["target"] == target and info["scored_target"] == "label_only"
+        rows[target] = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+    for target in ("explanation", "shuffled"):
+        for a, b in zip(rows["label_only"], rows[target], strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{target}: {k}")
+    for b in rows["explanation"]:
+        length = b["segment_ids"].sum(axis=1)
+        real = b["valid"] > 0
+        # input_ids end at the label token: label_pos + 1 (label) + 1 (eos target) ...
+        np.testing.assert_array_equal(length[real], b["label_pos"][real] + 2)
+
+
 def test_evaluate_cli_with_generation(run_dir, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "xft_jax.evaluate", "--config=configs/eval.py",

@@ -29,6 +29,7 @@ from xft_jax import generation, metrics, scoring, sharding
 # Used only when neither the eval config nor a training run says (configs/common.py).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
                  "max_len": 1024, "seed": 0}
+SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
 DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
              "num_synthetic")
 
@@ -102,9 +103,13 @@ def resolve_data(dc, run_config) -> ml_collections.ConfigDict:
 
 
 def eval_batches(d, tokenizer, batch_size: int):
-    """pipeline.Batches over ``d.split`` (eval mode: padded rows, ``valid`` marks)."""
+    """pipeline.Batches over ``d.split`` (eval mode: padded rows, ``valid`` marks).
+
+    Every row is encoded as prompt + label, whatever target the run trained on: the
+    rating is read at ``label_pos``, so tokens after it cannot change it, and a longer
+    training target would otherwise leave less room for the prompt (and drop other
+    examples), so runs of different variants would be scored on different inputs."""
     from xft_jax.data import pipeline
-    from xft_jax.data.targets import ExplanationVocab
 
     splits = pipeline.build_datasets(d.source, d.path or None, num_train=d.num_train,
                                      num_test=d.num_test, seed=int(d.seed),
@@ -114,19 +119,18 @@ def eval_batches(d, tokenizer, batch_size: int):
     examples = list(getattr(splits, d.split))[:d.max_examples]
     if not examples:
         raise ValueError(f"{splits.origin}: the {d.split} split is empty")
-    vocab = (ExplanationVocab.from_examples(splits.train, d.axis)
-             if d.target == "random_vocab" else None)
-    batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=d.target,
+    batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), train=False, process_index=0,
-                                    process_count=1, vocab=vocab, target_seed=int(d.seed))
+                                    process_count=1)
     if batches.stats.kept == 0:
         raise ValueError(
             f"{splits.origin}: none of the {len(examples)} {d.split} examples fits "
             f"data.max_len={d.max_len} (longest prompts are dropped, not cut); raise "
             f"--config.data.max_len")
     info = {"origin": splits.origin, "split": d.split, "examples": len(examples),
-            "encode": batches.stats.to_dict(), **{k: d[k] for k in DATA_KEYS}}
+            "encode": batches.stats.to_dict(), "scored_target": SCORED_TARGET,
+            **{k: d[k] for k in DATA_KEYS}}
     return batches, info
 
 

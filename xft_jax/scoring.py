@@ -13,6 +13,7 @@ each example is counted exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -73,8 +74,10 @@ def check_label_ids(label_ids: Sequence[int], vocab_size: int) -> tuple[int, ...
 def make_score_fn(cfg: ModelConfig, opts: ForwardOptions, label_ids: Sequence[int],
                   mesh: Mesh | None = None) -> Callable:
     """Jitted ``fn(params, lora, batch) -> log_probs [B,5]`` (batch: DEVICE_KEYS arrays).
-    Memoised on its (hashable) arguments, so evaluating several checkpoints of one
-    architecture compiles once."""
+    Adapters are folded into each layer's weights as it runs (``lora_merged``): scoring
+    takes no gradient. Memoised on its (hashable) arguments, so evaluating several
+    checkpoints of one architecture compiles once."""
+    opts = dataclasses.replace(opts, lora_merged=True)
     return _score_fn(cfg, opts, check_label_ids(label_ids, cfg.vocab_size), mesh)
 
 

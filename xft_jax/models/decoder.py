@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xft_jax import sharding
+from xft_jax.models.attention import (MASK_FREE_IMPLS, causal_self_attention,
+                                      mask_free_self_attention)
 from xft_jax.models.config import ModelConfig
 
 # Logical axes by leaf name; stacked layer leaves get a leading 'layers' axis.
@@ -41,6 +43,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "up_proj": ("layers", "embed", "mlp"),
     "down_proj": ("layers", "mlp", "embed"),
 }
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 REMAT_POLICIES = {
@@ -66,7 +69,13 @@ class ForwardOptions:
     remat: str = "none"                 # none | full | dots
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
-    attention_impl: str | None = None   # None (XLA chooses) | 'xla' | 'cudnn'
+    # None | 'xla': masked, query-blocked; 'cudnn': mask-free, one example per
+    # right-padded row (see models/attention.py)
+    attention_impl: str | None = None
+    # Inference only: fold each adapter into its layer's weight as the layer runs
+    # (W + s*A@B, one small matmul per weight instead of two thin ones per token).
+    lora_merged: bool = False
+    attention_block: int = 128          # query block of causal self-attention (0: one)
 
 
 # ------------------------------------------------------------------------ building blocks
@@ -165,27 +174,48 @@ def _lora_delta(x, lora, name, opts, rng):
     return (out * opts.lora_scale).reshape(*lead, b.shape[-1])
 
 
+def _merged_weight(w, ab, opts):
+    """W + scale * A @ B in float32, cast to the compute dtype (PEFT's merge, per layer)."""
+    delta = (ab["a"].astype(jnp.float32) @ ab["b"].astype(jnp.float32)) * opts.lora_scale
+    return (as_dense(w, jnp.float32) + delta).astype(opts.dtype)
+
+
 def dense(x, p, name, lora, opts, rng, bias=None):
-    y = x @ as_dense(p[name], opts.dtype)
+    adapted = lora is not None and name in lora
+    if adapted and opts.lora_merged:
+        y = x @ _merged_weight(p[name], lora[name], opts)
+    else:
+        y = x @ as_dense(p[name], opts.dtype)
     if bias is not None:
         y = y + bias.astype(opts.dtype)
-    delta = _lora_delta(x, lora, name, opts, rng)
-    return y + delta.astype(opts.dtype) if lora is not None and name in lora else y
+    if not adapted or opts.lora_merged:
+        return y
+    return y + _lora_delta(x, lora, name, opts, rng).astype(opts.dtype)
 
 
 # ------------------------------------------------------------------------ one layer
-def decoder_layer(cfg: ModelConfig, opts: ForwardOptions, x, p, lora, ctx, cache, rng):
-    """One pre-norm block. ``ctx`` holds positions, masks and probe positions."""
+def decoder_layer(cfg: ModelConfig, opts: ForwardOptions, x, p, lora, ctx, cache, rng,
+                  out_pos=None):
+    """One pre-norm block. ``ctx`` holds positions, masks and probe positions.
+
+    out_pos [B,K]: the block's output is wanted at these positions only (the last layer
+    under ``output_positions``). Keys and values still cover every position; queries,
+    the attention output, o_proj and the MLP run at the K positions: [B,K,D] out."""
     b, t, _ = x.shape
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = opts.dtype
     y = rms_norm(x, p["input_norm"], cfg.rms_norm_eps, dt)
-    q = dense(y, p, "q_proj", lora, opts, rng, p.get("q_bias")).reshape(b, t, h, hd)
     k = dense(y, p, "k_proj", lora, opts, rng, p.get("k_bias")).reshape(b, t, kvh, hd)
     v = dense(y, p, "v_proj", lora, opts, rng, p.get("v_bias")).reshape(b, t, kvh, hd)
-    q = sharding.constrain(apply_rope(q, ctx["positions"], ctx["inv_freq"]),
-                           ("batch", "length", "heads", "head_dim"))
     k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
+    q_positions, mask = ctx["positions"], ctx["mask"]
+    if out_pos is not None:
+        x, y, q_positions = (_rows_at(a, out_pos) for a in (x, y, q_positions))
+        mask = jnp.take_along_axis(mask, out_pos[:, None, :, None], axis=2)  # [B,1,K,S]
+    tq = x.shape[1]
+    q = dense(y, p, "q_proj", lora, opts, rng, p.get("q_bias")).reshape(b, tq, h, hd)
+    q = sharding.constrain(apply_rope(q, q_positions, ctx["inv_freq"]),
+                           ("batch", "length", "heads", "head_dim"))
     new_cache = None
     if cache is not None:
         start = ctx["cache_index"]
@@ -193,12 +223,21 @@ def decoder_layer(cfg: ModelConfig, opts: ForwardOptions, x, p, lora, ctx, cache
         v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
         new_cache = {"k": k, "v": v}
         k, v = k.astype(dt), v.astype(dt)
-    mask = ctx["mask"]
-    attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=opts.attention_impl)
+    mask_free = opts.attention_impl in MASK_FREE_IMPLS
+    if cache is None and out_pos is None and mask_free:
+        attn = mask_free_self_attention(q, k, v, window=cfg.sliding_window,
+                                        implementation=opts.attention_impl)
+    elif cache is None and out_pos is None:
+        attn = causal_self_attention(q, k, v, mask, window=cfg.sliding_window,
+                                     block=opts.attention_block,
+                                     implementation=opts.attention_impl)
+    else:   # a KV cache or the K output positions: not the aligned causal square
+        attn = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, implementation=None if mask_free else opts.attention_impl)
     out = {}
     if ctx.get("probe_pos") is not None:
         out["attn_entropy"] = _attention_entropy(q, k, mask, ctx["probe_pos"], cfg)
-    attn = attn.reshape(b, t, h * hd)
+    attn = attn.reshape(b, tq, h * hd)
     x = x + dense(attn, p, "o_proj", lora, opts, rng, p.get("o_bias"))
     x = sharding.constrain(x, ("batch", "length", "embed"))
     y = rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps, dt)
@@ -208,6 +247,12 @@ def decoder_layer(cfg: ModelConfig, opts: ForwardOptions, x, p, lora, ctx, cache
     x = x + dense(act, p, "down_proj", lora, opts, rng)
     x = sharding.constrain(x, ("batch", "length", "embed"))
     return x, new_cache, out
+
+
+def _rows_at(a, pos):
+    """a[b, pos[b, k]] for [B,T] or [B,T,...] arrays."""
+    idx = pos.astype(jnp.int32).reshape(pos.shape + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, idx, axis=1)
 
 
 def _attention_entropy(q, k, mask, probe_pos, cfg):
@@ -271,22 +316,41 @@ def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, p
     x = sharding.constrain(x, ("batch", "length", "embed"))
     lora_layers = (lora or {}).get("layers")
     reduce0 = layer_reduce(x, 0) if layer_reduce else None
+    # With output_positions and nothing that needs every layer's full output, the last
+    # layer runs its queries, o_proj and MLP at those positions only (see decoder_layer).
+    last_at_outputs = (output_positions is not None and output != "none" and cache is None
+                       and layer_reduce is None and probe_pos is None)
+    n_scan = cfg.num_layers - 1 if last_at_outputs else cfg.num_layers
+    policy = REMAT_POLICIES[opts.remat]
+    remat = (lambda f: jax.checkpoint(f, policy=policy, prevent_cse=False)  # noqa: E731
+             if opts.remat != "none" else f)
 
+    def run_layer(h, i, lp, c, out_pos=None):
+        # The frozen weights are indexed inside the loop (which is what scan does with
+        # xs), so the scan can stop one layer short without copying a slice of them.
+        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                         params["layers"])
+        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+        return decoder_layer(cfg, opts, h, p, lp, ctx, c, layer_rng, out_pos)
+
+    @remat
     def body(carry, xs):
         h, i = carry
-        p, lp, c = xs
-        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-        h, new_c, out = decoder_layer(cfg, opts, h, p, lp, ctx, c, layer_rng)
+        h, new_c, out = run_layer(h, i, *xs)
         if layer_reduce is not None:
             out["reduce"] = layer_reduce(h, i + 1)
         return (h, i + 1), (new_c, out)
 
-    policy = REMAT_POLICIES[opts.remat]
-    if opts.remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    (x, _), (new_cache, outs) = jax.lax.scan(
-        body, (x, jnp.int32(0)), (params["layers"], lora_layers, layer_cache))
+    lora_scan = lora_layers if not last_at_outputs else jax.tree.map(
+        lambda a: a[:n_scan], lora_layers)
+    (x, _), (new_cache, outs) = jax.lax.scan(body, (x, jnp.int32(0)),
+                                             (lora_scan, layer_cache), length=n_scan)
+    if last_at_outputs:
+        last = jax.tree.map(lambda a: a[n_scan], lora_layers)
+        x, _, _ = remat(run_layer)(x, jnp.int32(n_scan), last, None,
+                                   output_positions.astype(jnp.int32))
+        output_positions = None
 
     result: dict[str, Any] = {}
     if layer_reduce is not None:
@@ -349,6 +413,9 @@ class Decoder(nnx.Module):
                  dtype=jnp.float32, remat: str = "none", attention_impl: str | None = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r}; expected one of "
+                             f"{list(ATTENTION_IMPLS)}")
         self.config = cfg
         self.options = ForwardOptions(dtype=dtype, remat=remat, attention_impl=attention_impl)
         init = nnx.initializers.normal(0.02)

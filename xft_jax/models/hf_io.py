@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import re
-from typing import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,20 +180,22 @@ def _convert(arr, transpose: bool, shard, np_dtype):
     return arr if arr.dtype == np_dtype else _jitted(_astype, shard, np_dtype)(arr)
 
 
-def _load_leaf(files, keys, shape, shard, np_dtype, layer_transform=None):
-    """One parameter as a device array (or, with ``layer_transform``, a pytree of them)."""
+def _load_top(files, keys, shape, shard, np_dtype, layer_transform=None):
+    """A top-level parameter (embed, final_norm, lm_head) as a device array (or, with
+    ``layer_transform``, a pytree of them)."""
     leaf = keys[-1]
-    if keys[0] != "layers":
-        name = HF_TOP_NAMES[leaf]
-        arr, transpose = _read_array(files[name], name, leaf, shape, shard, np_dtype)
-        arr = _convert(arr, transpose, shard, np_dtype)
-        return arr if layer_transform is None else layer_transform(tuple(keys), arr)
+    name = HF_TOP_NAMES[leaf]
+    arr, transpose = _read_array(files[name], name, leaf, shape, shard, np_dtype)
+    arr = _convert(arr, transpose, shard, np_dtype)
+    return arr if layer_transform is None else layer_transform(tuple(keys), arr)
+
+
+def _layer_shard(shard, ndim: int):
+    """The sharding of one layer of a stacked leaf (the leading layer axis dropped)."""
     if isinstance(shard, NamedSharding):
-        spec = tuple(shard.spec) + (None,) * (len(shape) - len(shard.spec))
-        layer_shard = NamedSharding(shard.mesh, P(*spec[1:]))
-    else:
-        layer_shard = shard
-    return _load_layers(files, keys, shape, layer_shard, np_dtype, layer_transform)
+        spec = tuple(shard.spec) + (None,) * (ndim - len(shard.spec))
+        return NamedSharding(shard.mesh, P(*spec[1:]))
+    return shard
 
 
 def _stacked_sharding(s):
@@ -202,32 +204,51 @@ def _stacked_sharding(s):
     return s
 
 
-def _load_layers(files, keys, shape, layer_shard, np_dtype, transform=None):
-    """A stacked layer leaf, one layer at a time: each layer is staged as stored (HF
+def _hf_layer_name(i: int, leaf: str) -> str:
+    return LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
+
+
+def _layer_order(files, leaves, n: int) -> list[int]:
+    """Layer indices in the order their tensors sit in the files, so a load from storage
+    reads each file front to back (HF shards order names as text: 0, 1, 10, 11, ...)."""
+    def where(i):
+        return min((files[t].path, files[t].tensors[t]["offset"])
+                   for t in (_hf_layer_name(i, keys[-1]) for keys, _, _ in leaves))
+    return sorted(range(n), key=where)
+
+
+def _load_layers(files, leaves, n: int, np_dtype, transform=None) -> dict:
+    """Every stacked layer leaf, {keys: stacked}, read layer by layer in file order.
+
+    leaves: (keys, stacked shape, per-layer sharding). Each tensor is staged as stored (HF
     [out, in]), transposed and cast on device, mapped by ``transform`` (quantisation) when
     given, and written into donated stacked buffers (one per pytree child). The host never
-    stages more than one layer, and the dense layer is dropped as soon as it is written."""
-    leaf, stacked = keys[-1], None
-    for i in range(shape[0]):
-        name = LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
-        layer = _convert(*_read_array(files[name], name, leaf, shape[1:], layer_shard,
-                                      np_dtype), layer_shard, np_dtype)
-        out = layer if transform is None else transform(tuple(keys), layer)
-        del layer
-        if stacked is None:
-            shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
-            stacked = jax.jit(functools.partial(_start_stack, n=shape[0]),
-                              out_shardings=shards)(out)
-        else:
-            stacked = _set_layer(stacked, out, i)
-        jax.block_until_ready(stacked)    # else staged layers pile up on the host
+    stages more than one tensor, and the dense layer is dropped as soon as it is written."""
+    stacked: dict[tuple, Any] = {}
+    for i in _layer_order(files, leaves, n):
+        for keys, shape, layer_shard in leaves:
+            leaf, key = keys[-1], tuple(keys)
+            name = _hf_layer_name(i, leaf)
+            layer = _convert(*_read_array(files[name], name, leaf, shape[1:], layer_shard,
+                                          np_dtype), layer_shard, np_dtype)
+            out = layer if transform is None else transform(key, layer)
+            del layer
+            if key not in stacked:
+                shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
+                stacked[key] = jax.jit(functools.partial(_start_stack, n=n),
+                                       out_shardings=shards)(out, i)
+            else:
+                stacked[key] = _set_layer(stacked[key], out, i)
+            jax.block_until_ready(stacked[key])    # else staged tensors pile up on the host
     return stacked
 
 
-def _start_stack(layer, n: int):
-    """The stacked [n, ...] buffers with layer 0 written, in one program (the zero-fill
+def _start_stack(layer, i, n: int):
+    """The stacked [n, ...] buffers with layer ``i`` written, in one program (the zero-fill
     is fused into it instead of being a program and a dispatch of its own)."""
-    return jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype).at[0].set(x), layer)
+    return jax.tree.map(
+        lambda x: jax.lax.dynamic_update_index_in_dim(jnp.zeros((n,) + x.shape, x.dtype),
+                                                      x, i, 0), layer)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -239,14 +260,12 @@ def _set_layer(stacked, layer, i):
 def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
                     compute_dtype=None, remat: str = "none",
                     attention_impl: str | None = None,
-                    leaf_transform: Callable | None = None,
                     quantization=None, quant_block: int = 64) -> Decoder:
     """A Decoder with weights streamed from an HF safetensors checkpoint directory.
 
     dtype: parameter dtype (source tensors in any float dtype are cast on read).
     compute_dtype: activation dtype (defaults to ``dtype``).
     mesh: place every parameter with its logical-axis sharding over this mesh.
-    leaf_transform(keys, array) -> array: applied per leaf after placement (quantisation).
     quantization: 'none' | 'nf4' | 'int8' | ``quantization.QuantConfig``: linear weights
       are quantised layer by layer as they are read (``quant_block`` rows per scale).
     """
@@ -284,25 +303,28 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
         from xft_jax import quantization as quant_lib   # imports this package
         layer_transform = quant_lib.layer_transform(quant_lib.as_config(quantization,
                                                                         quant_block))
-    flat = []
-    # Whole-leaf-staged top-level leaves (embed, lm_head) first, while little else is
-    # resident: their transient host copy then never adds to a nearly loaded model.
-    for p, var in sorted(nnx.to_flat_state(state),
-                         key=lambda pv: str(getattr(pv[0][0], "key", pv[0][0])) == "layers"):
+    flat, layer_leaves = [], []
+    # Top-level leaves (embed, lm_head) first, while little else is resident: their
+    # transient host copy then never adds to a nearly loaded model.
+    for p, var in nnx.to_flat_state(state):
         keys = [str(getattr(k, "key", k)) for k in p]
         shape = var.get_value().shape
         if mesh is not None:
             shard = sharding.named_sharding(mesh, leaf_axes(tuple(keys)), shape)
         else:
             shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        arr = _load_leaf(files, keys, shape, shard, np_dtype, layer_transform)
+        if keys[0] == "layers":
+            layer_leaves.append((p, keys, shape, _layer_shard(shard, len(shape))))
+            continue
+        arr = _load_top(files, keys, shape, shard, np_dtype, layer_transform)
         # Wait for the transfer so each host staging buffer is freed before the next
         # leaf's is filled: without it, in-flight copies pile up on the host.
         jax.block_until_ready(arr)
-        if leaf_transform is not None:
-            arr = leaf_transform(tuple(keys), arr)
-        flat.append((p, arr))
-    for p, arr in flat:
+        flat.append((p, keys, arr))
+    stacked = _load_layers(files, [leaf[1:] for leaf in layer_leaves], cfg.num_layers,
+                           np_dtype, layer_transform)
+    flat += [(p, keys, stacked[tuple(keys)]) for p, keys, _, _ in layer_leaves]
+    for p, _, arr in flat:
         _set_path(state, p, arr)
     return nnx.merge(graphdef, state)
 

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
 from xft_jax import atomic, sharding
-from xft_jax.models import hf_io
+from xft_jax.models import attention, hf_io
 from xft_jax.models.tokenizer import load_tokenizer
 from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim
 from xft_jax.training.checkpoint import Checkpoints
@@ -124,6 +124,11 @@ def step_config(config) -> StepConfig:
 
 
 def _check_batch(config, scfg: StepConfig, mesh):
+    if (config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
+            and bool(config.data.get("pack", False))):
+        raise ValueError(f"model.attention_impl={config.model.attention_impl!r} needs one "
+                         f"example per row; data.pack=True packs several: set one of them "
+                         f"differently (e.g. model.attention_impl=xla)")
     b = int(config.data.batch_size)
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     if b % scfg.grad_accum or (b // scfg.grad_accum) % shards:
@@ -151,6 +156,7 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     mesh = make_mesh(config, devices)
     scfg = step_config(config)
     _check_batch(config, scfg, mesh)
+    mask_free_attention = config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
 
     # The run key exists before any parameter; everything random derives from it.
     run_key = jax.random.key(int(t.seed))
@@ -228,6 +234,8 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
         tokens, t0 = 0, time.perf_counter()
         while step < steps:
             batch = next(it)
+            if mask_free_attention:
+                attention.check_right_padded(batch["segment_ids"], f"training batch {step}")
             gbatch = data_lib.to_global(mesh, batch)
             new_lora, new_opt, m = step_fn(lora, opt_state, base, gbatch, rng,
                                            jnp.int32(step))
