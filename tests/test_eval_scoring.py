@@ -65,9 +65,9 @@ def real_eval(hf_checkpoint, mistral_tokenizer):
     sharded = load_pretrained(path, mesh=mesh)                  # fsdp-sharded weights
     examples = synthetic.generate(11, seed=3)
 
-    def batches(bs):
+    def batches(bs, train=False, **kw):
         return make_batches(examples, mistral_tokenizer, axis="naturalness", max_len=288,
-                            batch_size=bs, train=False)
+                            batch_size=bs, train=train, **kw)
 
     return model, sharded, mesh, label_token_ids(mistral_tokenizer), batches
 
@@ -115,3 +115,29 @@ class _Named(list):
     def __init__(self, rows, names):
         super().__init__(rows)
         self.example_ids = names
+
+
+def test_length_sorted_bucketed_batches_score_the_same(real_eval):
+    """eval_lib's layout: examples batched by length, each batch padded to a power-of-two
+    width; collect(order=...) gives the dataset's order back with the same scores."""
+    from xft_jax.data.pipeline import length_buckets
+
+    model, _, _, label_ids, make = real_eval
+    assert length_buckets(288) == (64, 128, 256, 288)
+    assert length_buckets(64) == (64,) and length_buckets(100, 32) == (32, 64, 100)
+    ref, _ = _evaluate(model, label_ids, make(4), 4, None)
+    sorted_batches = make(4, sort_by_length=True, buckets=length_buckets(288))
+    batches = [dict(b) for b in sorted_batches]
+    widths = [b["input_ids"].shape[1] for b in batches]
+    lengths = np.concatenate([b["segment_ids"].sum(1)[b["valid"] > 0] for b in batches])
+    assert (np.diff(lengths) >= 0).all()                       # batched by length
+    assert all(w in (64, 128, 256, 288) for w in widths) and min(widths) < 288
+    fn = scoring.make_score_fn(model.config, model.forward_options(), label_ids)
+    got = scoring.collect(scoring.score_batches(fn, model.params(), None, batches, 4,
+                                                names=sorted_batches.example_ids),
+                          order=sorted_batches.example_ids)
+    assert got["id"] == ref["id"] == list(sorted_batches.example_ids)
+    np.testing.assert_array_equal(got["label"], ref["label"])
+    np.testing.assert_allclose(got["log_probs"], ref["log_probs"], atol=2e-5)
+    with pytest.raises(ValueError, match="sort_by_length is for eval"):
+        make(4, sort_by_length=True, train=True)

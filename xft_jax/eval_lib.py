@@ -122,7 +122,8 @@ def eval_batches(d, tokenizer, batch_size: int):
     batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), train=False, process_index=0,
-                                    process_count=1)
+                                    process_count=1, sort_by_length=True,
+                                    buckets=pipeline.length_buckets(int(d.max_len)))
     if batches.stats.kept == 0:
         raise ValueError(
             f"{splits.origin}: none of the {len(examples)} {d.split} examples fits "
@@ -149,7 +150,7 @@ def score(loaded: Loaded, batches, batch_size: int, mesh) -> tuple[dict, dict]:
         else:
             n_after += len(r["id"])
     end = time.perf_counter()
-    res = scoring.collect(parts)
+    res = scoring.collect(parts, order=batches.example_ids)
     steady = end - first_done if first_done is not None else 0.0
     timing = {"wall_s": end - t0,
               "examples_per_s": (n_after / steady) if n_after and steady > 0

@@ -178,8 +178,9 @@ def score_batches(score_fn: Callable, params, lora, batches: Iterable[dict], bat
         seen += rows.size
 
 
-def collect(results: Iterable[dict]) -> dict[str, Any]:
-    """Concatenates ``score_batches`` output: ids list, labels [N], log_probs [N,5]."""
+def collect(results: Iterable[dict], order: Sequence[str] | None = None) -> dict[str, Any]:
+    """Concatenates ``score_batches`` output: ids list, labels [N], log_probs [N,5];
+    with ``order`` (example ids), sorted into that order (batches may be length-sorted)."""
     ids, labels, logps = [], [], []
     for r in results:
         ids.extend(r["id"])
@@ -187,8 +188,13 @@ def collect(results: Iterable[dict]) -> dict[str, Any]:
         logps.append(r["log_probs"])
     if not ids:
         raise ValueError("no examples were scored (empty dataset?)")
-    return {"id": ids, "label": np.concatenate(labels).astype(np.int64),
-            "log_probs": np.concatenate(logps).astype(np.float64)}
+    label = np.concatenate(labels).astype(np.int64)
+    log_probs = np.concatenate(logps).astype(np.float64)
+    if order is not None:
+        rank = {name: i for i, name in enumerate(order)}
+        perm = np.argsort([rank[name] for name in ids], kind="stable")
+        ids, label, log_probs = [ids[i] for i in perm], label[perm], log_probs[perm]
+    return {"id": ids, "label": label, "log_probs": log_probs}
 
 
 __all__ = ["NUM_LABELS", "head_columns", "label_logits", "label_log_probs", "make_score_fn",

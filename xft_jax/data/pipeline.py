@@ -70,6 +70,16 @@ def to_examples(data) -> list[RatedExample]:
     return list(data)
 
 
+def length_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` below ``max_len``, then ``max_len``: at most
+    2x padding per batch, and only log2(max_len / smallest) + 1 compiled widths."""
+    widths, w = [], smallest
+    while w < max_len:
+        widths.append(w)
+        w *= 2
+    return tuple(widths) + (max_len,)
+
+
 def _bucket_width(n: int, max_len: int, buckets: Sequence[int] | None) -> int:
     if not buckets:
         return max_len
@@ -138,7 +148,8 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
                  buckets: Sequence[int] | None = None, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  vocab: ExplanationVocab | None = None, target_seed: int | None = None,
-                 read_options: grain.ReadOptions | None = None) -> Batches:
+                 read_options: grain.ReadOptions | None = None,
+                 sort_by_length: bool = False) -> Batches:
     """Builds the batch iterator for one axis and target variant (see module doc).
 
     data: RatedExamples, or a TFDS data source of records written by ``tfds_builder``.
@@ -149,11 +160,16 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     the training split. target_seed: seeds the pseudo-explanations (default ``seed``).
     read_options: grain prefetching (default: 2 threads, 8 batches ahead; batching
     in-memory arrays is cheap, and grain's default of 500 batches wastes host memory).
+    sort_by_length (eval only): batch examples of similar length together, so that with
+    ``buckets`` most batches pad to far less than ``max_len``; rows keep their
+    ``example_index``, so callers can restore the dataset's order.
     """
     if batch_size <= 0 or max_len <= 0:
         raise ValueError("batch_size and max_len must be positive")
     if pack and not train:
         raise ValueError("eval batches are padded, one example per row; pack=False")
+    if sort_by_length and train:
+        raise ValueError("sort_by_length is for eval batches (train=False)")
     shuffle = train if shuffle is None else shuffle
     pi, pc = _host(process_index, process_count)
     examples = to_examples(data)
@@ -176,6 +192,8 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
         per_host = math.ceil(len(encoded) / pc)
         num_batches = math.ceil(per_host / batch_size)
         rows = [ds[i] for i in range(len(ds))]
+        if sort_by_length:
+            rows.sort(key=lambda r: len(r["input_ids"]))     # stable: ties keep their order
         rows += [None] * (num_batches * batch_size - len(rows))
         collate = functools.partial(_collate, max_len=max_len, buckets=buckets, pad_id=pad_id,
                                     eval_mode=True)

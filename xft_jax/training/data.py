@@ -45,7 +45,8 @@ def build(config, tokenizer) -> RunData:
     ev = None
     if int(config.train.get("eval_every", 0)) > 0 and splits.test:
         ev = pipeline.make_batches(splits.test[:d.get("eval_examples", None)], tokenizer,
-                                   seed=0, train=False, **common)
+                                   seed=0, train=False,
+                                   buckets=pipeline.length_buckets(int(d.max_len)), **common)
     info = {"origin": splits.origin, "num_train": len(splits.train),
             "num_test": len(splits.test), "train_encode": train.stats.to_dict()}
     return RunData(train, ev, list(train.label_token_ids), info)
