@@ -1,5 +1,6 @@
-"""Multi-host start-up: resolution from flags / SLURM / TPU env, and a real two-process
-run (2 CPU processes x 2 devices, gloo on 127.0.0.1) that must match one process."""
+"""Multi-host start-up: resolution from flags / SLURM / TPU env, and real two-process
+runs (2 CPU processes x 2 devices, gloo on 127.0.0.1) that must match one process: the
+sharded forward, and the evaluate main."""
 
 from __future__ import annotations
 
@@ -118,12 +119,12 @@ def _batch(b=8, t=12):
             "segment_ids": seg, "positions": pos}
 
 
-def _run_workers(args_per_proc, envs, timeout=240):
+def _run_workers(args_per_proc, envs, timeout=240, program=(WORKER,)):
     """Starts one worker per entry, waits for all under one deadline, always reaps them."""
     base = {k: v for k, v in os.environ.items()
             if k != "XLA_FLAGS" and not k.startswith("SLURM_")}
     base.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + base.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, WORKER, *a], env=dict(base, **e), cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, *program, *a], env=dict(base, **e), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               start_new_session=True, text=True)
              for a, e in zip(args_per_proc, envs)]
@@ -208,3 +209,49 @@ def test_two_processes_started_from_slurm_variables(reference, tmp_path):
     _run_workers([args, args], envs)
     _check(tmp_path, ["1,2,2"], reference,
            f"slurm: process 0 of 2, coordinator 127.0.0.1:{61440 + job}")
+
+
+def test_two_process_evaluate_equals_one_process(tmp_path):
+    """``python -m xft_jax.evaluate`` on 2 processes x 2 devices scores every example once
+    and writes (process 0 only) what one process writes."""
+    import csv
+
+    from configs import eval as eval_config
+    from configs import tiny
+    from xft_jax import eval_lib
+    from xft_jax.training.trainer import train
+
+    c = tiny.get_config("synthetic,naturalness,label_only")
+    c.train.steps, c.train.checkpoint_every = 2, 2
+    c.data.num_synthetic, c.data.max_len = 40, 320
+    run = str(tmp_path / "run")
+    train(c, run, devices=jax.devices()[:1])
+
+    e = eval_config.get_config()
+    e.model.workdir = run
+    e.eval.batch_size, e.data.max_examples = 4, 10            # 2 full batches + 1 partial
+    one = eval_lib.run_evaluation(e, str(tmp_path / "one"))
+
+    port = _free_port()
+    args = ["-m", "xft_jax.evaluate", "--config=configs/eval.py", f"--out={tmp_path / 'two'}",
+            f"--config.model.workdir={run}", "--config.eval.batch_size=4",
+            "--config.data.max_examples=10", f"--coordinator=127.0.0.1:{port}",
+            "--num_processes=2", "--platform=cpu", "--cpu_devices=2"]
+    _run_workers([[f"--process_id={i}"] for i in range(2)], [{}, {}], timeout=300,
+                 program=tuple(args))
+    with open(tmp_path / "two" / "metrics.json") as f:
+        two = json.load(f)
+    assert two["devices"] == 4 and two["mesh"]["fsdp"] == 4
+    assert two["metrics"]["n"] == one["metrics"]["n"] == 10
+    assert two["metrics"]["accuracy"] == pytest.approx(one["metrics"]["accuracy"])
+
+    def probs(d):
+        with open(d / "predictions.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return [r["id"] for r in rows], np.array(
+            [[float(r[f"p{k}"]) for k in range(1, 6)] for r in rows])
+
+    ids1, p1 = probs(tmp_path / "one")
+    ids2, p2 = probs(tmp_path / "two")
+    assert ids1 == ids2 and len(set(ids2)) == 10
+    np.testing.assert_allclose(p2, p1, atol=2e-5)

@@ -189,6 +189,33 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return spec
 
 
+def define_flags():
+    """The multi-process flags every main takes (absl), read by ``initialize_from_flags``."""
+    from types import SimpleNamespace
+
+    from absl import flags
+
+    return SimpleNamespace(
+        coordinator=flags.DEFINE_string("coordinator", None,
+                                        "host:port of process 0 (multi-process)."),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes."),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's index."),
+        platform=flags.DEFINE_string("platform", None, "'cpu' for gloo CPU collectives."),
+        cpu_devices=flags.DEFINE_integer("cpu_devices", None, "CPU devices per process."))
+
+
+def initialize_from_flags(f) -> Spec:
+    """``initialize`` from ``define_flags``' flags (or SLURM / a TPU pod, detected); says
+    on stderr how it started when there are several processes."""
+    import sys
+
+    spec = initialize(f.coordinator.value, f.num_processes.value, f.process_id.value,
+                      platform=f.platform.value, cpu_devices=f.cpu_devices.value)
+    if spec.mode != "none":
+        print(f"start-up: {spec.describe()}", file=sys.stderr)
+    return spec
+
+
 def shutdown() -> None:
     if is_initialized():
         jax.distributed.shutdown()

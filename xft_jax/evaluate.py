@@ -5,7 +5,8 @@
     python -m xft_jax.evaluate --config=configs/eval.py:coqa,on_topic --out=/tmp/eval \
         --config.model.path=/models/mistral-7b [--config.model.adapter=/adapters/x]
 
-Writes ``<out>/metrics.json`` (metrics, examples/s, what was loaded, the data) and
+Multi-process (a TPU pod, SLURM, or --coordinator/--num_processes/--process_id): every
+process runs the same command; process 0 writes. Writes ``<out>/metrics.json`` (metrics, examples/s, what was loaded, the data) and
 ``<out>/predictions.csv`` (id, gold, predicted, p1..p5 [, generated label and text]).
 """
 
@@ -16,14 +17,18 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from xft_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
                                           lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
+_DIST = distributed.define_flags()
 flags.mark_flags_as_required(["config", "out"])
 
 
 def main(argv):
     del argv
+    distributed.initialize_from_flags(_DIST)
     from xft_jax import eval_lib
 
     doc = eval_lib.run_evaluation(_CONFIG.value, _OUT.value)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from xft_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
                                           lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -21,11 +23,13 @@ _WORKDIRS = flags.DEFINE_list("workdirs", [], "Training runs to probe (default: 
                               "config.model.path / config.model.workdir alone).")
 _VARIANTS = flags.DEFINE_list("variants", [], "Variant name per workdir (default: each "
                               "run's data.target).")
+_DIST = distributed.define_flags()
 flags.mark_flags_as_required(["config", "out"])
 
 
 def main(argv):
     del argv
+    distributed.initialize_from_flags(_DIST)
     from xft_jax import probe_report
 
     doc = probe_report.run_probes(_CONFIG.value, _OUT.value, _WORKDIRS.value, _VARIANTS.value)

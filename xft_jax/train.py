@@ -15,14 +15,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from xft_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
-_COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_PLATFORM = flags.DEFINE_string("platform", None, "'cpu' for gloo CPU collectives.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per process.")
+_DIST = distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,12 +28,7 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:   # orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-    from xft_jax import distributed
-
-    spec = distributed.initialize(_COORD.value, _NPROC.value, _PID.value,
-                                  platform=_PLATFORM.value, cpu_devices=_CPU_DEVICES.value)
-    if spec.mode != "none":
-        print(f"start-up: {spec.describe()}", file=sys.stderr)
+    distributed.initialize_from_flags(_DIST)
     from xft_jax.training.trainer import NonFiniteError, train
 
     try:
