@@ -261,3 +261,25 @@ def test_no_context_example(mistral_tokenizer):
                      train=False, process_index=0, process_count=1)
     batch = next(iter(b))
     assert batch["valid"][0] == 1 and b.stats.kept == 1
+
+
+def test_training_batches_pad_to_bucket_widths(mistral_tokenizer):
+    """Unpacked training rows pad to the batch's power-of-two width, not max_len; packed
+    rows fill max_len."""
+    from configs import tiny
+    from xft_jax.data.pipeline import length_buckets
+    from xft_jax.training import data as data_lib
+
+    c = tiny.get_config("synthetic,naturalness,explanation")
+    c.data.num_synthetic, c.data.max_len, c.train.eval_every = 60, 1024, 0
+    run = data_lib.build(c, mistral_tokenizer)
+    it = iter(run.train.dataset)
+    for _ in range(3):
+        b = next(it)
+        width = b["input_ids"].shape[1]
+        longest = int(b["segment_ids"].sum(1).max())
+        assert width in length_buckets(1024) and longest <= width < 1024
+        assert width == min(w for w in length_buckets(1024) if w >= longest)
+    c.data.pack = True
+    packed = next(iter(data_lib.build(c, mistral_tokenizer).train.dataset))
+    assert packed["input_ids"].shape[1] == 1024

@@ -178,3 +178,33 @@ def test_head_at_target_positions_equals_every_position(path):
     for x, y in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7)
     assert float(obj_a) == pytest.approx(float(obj_b), rel=1e-6)
+
+
+def test_padding_width_does_not_change_the_step(path):
+    """Training rows pad to a bucket width, not max_len: padding the same batch wider
+    gives the same loss sums and gradients (padding is masked out of everything)."""
+    from xft_jax.training.data import target_positions
+    from xft_jax.training.step import loss_and_sums
+
+    s = Setup(path, jax.devices()[:1])
+    b = make_batch(4)
+    wide = {}
+    for k, v in b.items():                       # T=12 -> 20 columns of padding
+        fill = np.zeros((B, 8), v.dtype)
+        wide[k] = np.concatenate([v, fill], axis=1)
+    scfg = StepConfig(ce_chunk=5)
+    n = jnp.float32(b["loss_mask"].sum())
+    grad = jax.jit(jax.value_and_grad(
+        lambda lora, batch: loss_and_sums(lora, s.base, batch, s.cfg, s.opts, scfg, None, n),
+        has_aux=True))
+    results = []
+    for batch in (b, wide):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        batch["target_pos"] = jnp.asarray(target_positions(np.asarray(batch["loss_mask"])))
+        results.append(grad(s.lora, batch))
+    (obj_a, sums_a), g_a = results[0]
+    (obj_b, sums_b), g_b = results[1]
+    for k in sums_a:
+        np.testing.assert_allclose(sums_b[k], sums_a[k], rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)

@@ -155,8 +155,9 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     data: RatedExamples, or a TFDS data source of records written by ``tfds_builder``.
     shuffle: defaults to ``train``. pack: first-fit packing of several examples per row
     (training only). buckets: pad each batch to the smallest of these widths that fits
-    it (fewer wasted tokens, a few compiled shapes; on multi-host runs pad to ``max_len``
-    or pack so all hosts agree on T). vocab: needed for ``random_vocab``; build it from
+    it (fewer wasted tokens, a few compiled shapes; with process_count > 1 each host
+    buckets its own rows and hosts may disagree on T, so build the global batch on every
+    host instead, as ``training.data`` and ``eval_lib`` do). vocab: needed for ``random_vocab``; build it from
     the training split. target_seed: seeds the pseudo-explanations (default ``seed``).
     read_options: grain prefetching (default: 2 threads, 8 batches ahead; batching
     in-memory arrays is cheap, and grain's default of 500 batches wastes host memory).

@@ -40,8 +40,13 @@ def build(config, tokenizer) -> RunData:
     common = dict(axis=d.axis, variant=d.target, max_len=int(d.max_len),
                   batch_size=int(d.batch_size), process_index=0, process_count=1,
                   vocab=vocab, target_seed=int(d.get("seed", 0)))
+    pack = bool(d.get("pack", False))
+    # Unpacked rows pad to the batch's power-of-two width, not max_len: every process
+    # builds the same global batch, so all agree on the width (a few compiled shapes).
     train = pipeline.make_batches(splits.train, tokenizer, seed=int(config.train.seed),
-                                  train=True, pack=bool(d.get("pack", False)), **common)
+                                  train=True, pack=pack,
+                                  buckets=None if pack else pipeline.length_buckets(
+                                      int(d.max_len)), **common)
     ev = None
     if int(config.train.get("eval_every", 0)) > 0 and splits.test:
         ev = pipeline.make_batches(splits.test[:d.get("eval_examples", None)], tokenizer,
