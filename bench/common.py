@@ -418,10 +418,13 @@ def hardware() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, "+dirty" when tracked files differ from it (the results record
+    itself, which each benchmark of a run appends to, does not count)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                              capture_output=True, text=True, timeout=20).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)bench/RESULTS.md"],
                                cwd=REPO, capture_output=True, text=True,
                                timeout=20).stdout.strip()
         return (sha or "unknown") + ("+dirty" if dirty else "")
