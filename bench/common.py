@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ SPECS = {
                   load=dict(model=_TINY, dtype="float32"), matmul=256, target_frac=0.25),
     "cpu": dict(model=_MID, dtype="float32", remat="none",
                 train=dict(cases=[(2, 512)], warmup=1, steps=3),
-                eval=dict(batch=4, seq=512, warmup=1, reps=3),
+                eval=dict(batch=4, seq=512, warmup=1, reps=5),
                 load=dict(model=dict(_MID, num_hidden_layers=24), dtype="float32"),
                 matmul=2048, target_frac=0.125),
     "gpu": dict(model=_MISTRAL7B, dtype="bfloat16", remat="full",
@@ -344,7 +345,9 @@ def define_flags(children: list[str]):
         timeout=flags.DEFINE_integer("timeout", 1800, "Seconds per child process."),
         child=flags.DEFINE_enum("child", None, children, "Internal: run one side."),
         child_out=flags.DEFINE_string("child_out", None, "Internal: the child's JSON path."),
-        ckpt=flags.DEFINE_string("ckpt", None, "Internal: checkpoint directory."))
+        ckpt=flags.DEFINE_string("ckpt", None, "Internal: checkpoint directory."),
+        attention_impl=flags.DEFINE_string("attention_impl", None, "Internal: our attention "
+                                           "implementation (None: the decoder's default)."))
 
 
 def bench_main(f, run, child):
@@ -357,6 +360,51 @@ def bench_main(f, run, child):
             return
         run(f.size.value, f.out.value, not f.no_record.value, sys.argv)
     return main
+
+
+def _error_line(log: str) -> str:
+    """The exception line of a failed child's log (for a table cell)."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+    return (errors or lines or ["?"])[-1][:160].replace("|", "/")
+
+
+def run_ours_per_attention(script: str, sp: dict, args: list[str], timeout: float,
+                           warmup: int) -> tuple[dict, dict]:
+    """Our child (``--child=ours``) once per attention implementation of the size. With
+    several, each is kept as "ours@<impl>" and the fastest (best time after ``warmup``)
+    is also "ours". Returns (results, {impl: error line} of those that failed)."""
+    impls = sp.get("attention", (None,))
+    res, failed = {}, {}
+    for impl in impls:
+        extra = [f"--attention_impl={impl}"] if impl else []
+        try:
+            r = run_child(script, args + ["--child=ours"] + extra, timeout)
+        except RuntimeError as e:
+            if len(impls) == 1:
+                raise
+            failed[str(impl)] = _error_line(str(e))
+            continue
+        r["attention_impl"] = impl
+        res[f"ours@{impl}" if len(impls) > 1 else "ours"] = r
+    if not res:
+        raise RuntimeError(f"every attention implementation failed: {failed}")
+    if len(impls) > 1:
+        best = min(res, key=lambda k: min(res[k]["times"][warmup:]))
+        res["ours"] = res[best]
+    return res, failed
+
+
+def attention_rows(case: str, metric: str, res: dict, failed: dict, value, peer: float
+                   ) -> list[dict]:
+    """One row per attention implementation ("<metric>, attention=<impl>"): ``value(r)``
+    of each timed child against ``peer``, and the failed ones with their error."""
+    rows = [dict(case=case, metric=f"{metric}, attention={name[5:]}", ours=f"{value(r):.2f}",
+                 peer=f"{peer:.2f}", ratio=value(r) / peer)
+            for name, r in res.items() if name.startswith("ours@")]
+    return rows + [dict(case=case, metric=f"{metric}, attention={impl}",
+                        ours="failed: " + err, peer=f"{peer:.2f}")
+                   for impl, err in failed.items()]
 
 
 def run_child(script: str, args: list[str], timeout: float) -> dict:

@@ -46,7 +46,8 @@ def child_ours(sp: dict, ckpt: str) -> dict:
     e = sp["eval"]
     dtype = jnp.dtype(sp["dtype"])
     mesh = sharding.create_mesh(1, -1, 1)
-    model = hf_io.load_pretrained(ckpt, dtype=dtype, mesh=mesh, compute_dtype=dtype)
+    model = hf_io.load_pretrained(ckpt, dtype=dtype, mesh=mesh, compute_dtype=dtype,
+                                  attention_impl=F.attention_impl.value)
     lora_lib.attach(model, _lora_cfg(lora_lib), jax.random.key(0), mesh)
     params, lora, opts = model.params(), model.lora_params(), model.forward_options()
     vocab = model.config.vocab_size
@@ -120,7 +121,9 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     e = sp["eval"]
     ckpt = common.checkpoint(sp["model"], sp["dtype"])
     args = [f"--size={size}", f"--ckpt={ckpt}"]
-    res = {"ours": common.run_child("eval_scoring.py", args + ["--child=ours"], F.timeout.value)}
+    ours, failed = common.run_ours_per_attention("eval_scoring.py", sp, args, F.timeout.value,
+                                                 e["warmup"])
+    res = {"ours": ours.pop("ours")}
     res.update(common.run_child("eval_scoring.py", args + ["--child=torch"], F.timeout.value))
     # Best-of-N batch time: other processes share the machine (medians are in the JSON).
     eps = {k: e["batch"] / min(r["times"][e["warmup"]:]) for k, r in res.items()}
@@ -149,7 +152,10 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
              ours=common.fmt(mem["ours"], "B"), peer=common.fmt(mem["torch"], "B"),
              ratio=mem["ours"] / mem["torch"] if mem["ours"] and mem["torch"] else None),
     ]
-    details = {"checkpoint": ckpt, "examples_per_s": eps, "examples_per_s_median": eps_median,
+    rows += common.attention_rows(case, "examples/s vs full-logits forward", ours, failed,
+                                  lambda r: e["batch"] / min(r["times"][e["warmup"]:]),
+                                  eps["torch"])
+    details = {"checkpoint": ckpt, "examples_per_s": eps, "per_attention": ours, "examples_per_s_median": eps_median,
                "raw": res, "max_diff": diff}
     section = common.record("eval_scoring", size, rows, details, out, write_md, argv)
     print(section)

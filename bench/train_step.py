@@ -15,7 +15,6 @@ child (``jnp.dot`` for ours, ``torch.matmul`` for the peer), the first-step loss
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
@@ -31,8 +30,6 @@ _CE_CHUNK = flags.DEFINE_integer("ce_chunk", 256, "Our loss's sequence chunk (St
 _BEFORE = flags.DEFINE_bool("before", True, "Also time ours with the LM head at every "
                              "position (the loss before the target-positions change).")
 _CASE = flags.DEFINE_integer("case", 0, "Internal: index into the size's train cases.")
-_ATTN = flags.DEFINE_string("attention_impl", None, "Internal: our attention implementation "
-                            "(None: the decoder's default).")
 
 
 def _steps(sp):
@@ -63,7 +60,7 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
     warmup, steps = _steps(sp)
     mesh = sharding.create_mesh(1, -1, 1)
     model = hf_io.load_pretrained(ckpt, dtype=dtype, mesh=mesh, compute_dtype=dtype,
-                                  remat=sp["remat"], attention_impl=_ATTN.value)
+                                  remat=sp["remat"], attention_impl=F.attention_impl.value)
     lcfg = lora_lib.LoRAConfig(rank=common.LORA["rank"], alpha=common.LORA["alpha"],
                                dropout=_DROPOUT.value, targets=common.LINEAR)
     lora_lib.attach(model, lcfg, jax.random.key(0), mesh)
@@ -148,39 +145,6 @@ def child_torch(sp: dict, batch_size: int, seq: int, ckpt: str) -> dict:
             "peft": peft.__version__}
 
 
-def _error_line(log: str) -> str:
-    """The exception line of a failed child's log (for a table cell)."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
-    return (errors or lines or ["?"])[-1][:160].replace("|", "/")
-
-
-def _run_ours(sp: dict, args: list[str]) -> tuple[dict, dict]:
-    """Ours once per attention implementation of the size; the fastest step is "ours",
-    every one is also kept as "ours@<impl>" when there are several. Returns (results,
-    {impl: error} of those that failed)."""
-    impls = sp.get("attention", (None,))
-    res, failed = {}, {}
-    for impl in impls:
-        extra = [f"--attention_impl={impl}"] if impl else []
-        try:
-            r = common.run_child("train_step.py", args + ["--child=ours"] + extra,
-                                 F.timeout.value)
-        except RuntimeError as e:
-            if len(impls) == 1:
-                raise
-            failed[str(impl)] = _error_line(str(e))
-            continue
-        r["attention_impl"] = impl
-        res[f"ours@{impl}" if len(impls) > 1 else "ours"] = r
-    if not res:
-        raise RuntimeError(f"every attention implementation failed: {failed}")
-    if len(impls) > 1:
-        best = min(res, key=lambda k: min(res[k]["times"][_steps(sp)[0]:]))
-        res["ours"] = res[best]
-    return res, failed
-
-
 def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     sp = common.spec(size)
     ckpt = common.checkpoint(sp["model"], sp["dtype"])
@@ -191,7 +155,8 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
         case = f"B={b} T={t}"
         args = [f"--size={size}", f"--case={i}", f"--ckpt={ckpt}",
                 f"--lora_dropout={_DROPOUT.value}", f"--ce_chunk={_CE_CHUNK.value}"]
-        res, failed = _run_ours(sp, args)
+        res, failed = common.run_ours_per_attention("train_step.py", sp, args,
+                                                    F.timeout.value, sp["train"]["warmup"])
         impls = ("torch",) + (("ours_full_head",) if _BEFORE.value else ())
         res.update({impl: common.run_child("train_step.py", args + [f"--child={impl}"] + (
             [f"--attention_impl={res['ours']['attention_impl']}"]
@@ -236,15 +201,9 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
                  ours=common.fmt(o["mem"], "B"), peer=common.fmt(p["mem"], "B"),
                  ratio=o["mem"] / p["mem"] if o["mem"] and p["mem"] else None),
         ]
-        for name, r in res.items():
-            if name.startswith("ours@"):
-                rows.append(dict(case=case, metric=f"tokens/s, attention={name[5:]}",
-                                 ours=f"{stats[name]['tokens_per_s']:.1f}",
-                                 peer=f"{p['tokens_per_s']:.1f}",
-                                 ratio=stats[name]["tokens_per_s"] / p["tokens_per_s"]))
-        for impl, err in failed.items():
-            rows.append(dict(case=case, metric=f"tokens/s, attention={impl}",
-                             ours="failed: " + err, peer=f"{p['tokens_per_s']:.1f}"))
+        rows += common.attention_rows(
+            case, "tokens/s", res, failed,
+            lambda r: fl["tokens"] / min(r["times"][warmup:]), p["tokens_per_s"])
         if "ours_full_head" in stats:
             q = stats["ours_full_head"]
             rows += [

@@ -94,6 +94,19 @@ def test_train_step_gpu_path_on_cpu(tmp_path):
             assert r["ours"].startswith("failed: ") and "cuDNN" in r["ours"], r
 
 
+def test_eval_scoring_gpu_path_on_cpu(tmp_path):
+    """The GPU mode of the scoring bench (bf16, one child per attention implementation)."""
+    _run(["bench/eval_scoring.py", "--size=gpu_smoke", "--no_record", f"--out={tmp_path}"],
+         tmp_path)
+    (path,) = glob.glob(str(tmp_path / "*_eval_scoring_gpu_smoke.json"))
+    rows = _rows(path)
+    assert all(r["met"] for r in _row(rows, "max abs log-prob diff")), rows
+    assert _row(rows, "examples/s vs full-logits forward, attention=xla")[0]["ratio"] > 0
+    (cudnn,) = _row(rows, "examples/s vs full-logits forward, attention=cudnn")
+    if not jax_has_gpu():
+        assert cudnn["ours"].startswith("failed: ") and "cuDNN" in cudnn["ours"], cudnn
+
+
 def jax_has_gpu() -> bool:
     import jax
     return any(d.platform == "gpu" for d in jax.devices())
