@@ -211,34 +211,46 @@ def test_two_processes_started_from_slurm_variables(reference, tmp_path):
            f"slurm: process 0 of 2, coordinator 127.0.0.1:{61440 + job}")
 
 
-def test_two_process_evaluate_equals_one_process(tmp_path):
-    """``python -m xft_jax.evaluate`` on 2 processes x 2 devices scores every example once
-    and writes (process 0 only) what one process writes."""
-    import csv
-
-    from configs import eval as eval_config
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step training run of the tiny config (one process, one device)."""
     from configs import tiny
-    from xft_jax import eval_lib
     from xft_jax.training.trainer import train
 
     c = tiny.get_config("synthetic,naturalness,label_only")
     c.train.steps, c.train.checkpoint_every = 2, 2
     c.data.num_synthetic, c.data.max_len = 40, 320
-    run = str(tmp_path / "run")
+    run = str(tmp_path_factory.mktemp("mh_run"))
     train(c, run, devices=jax.devices()[:1])
+    return run
 
+
+def _main_on_two_processes(module: str, flags: list[str]) -> None:
+    port = _free_port()
+    args = ["-m", module, "--config=configs/eval.py", *flags,
+            f"--coordinator=127.0.0.1:{port}", "--num_processes=2", "--platform=cpu",
+            "--cpu_devices=2"]
+    _run_workers([[f"--process_id={i}"] for i in range(2)], [{}, {}], timeout=300,
+                 program=tuple(args))
+
+
+def test_two_process_evaluate_equals_one_process(tiny_run, tmp_path):
+    """``python -m xft_jax.evaluate`` on 2 processes x 2 devices scores every example once
+    and writes (process 0 only) what one process writes."""
+    import csv
+
+    from configs import eval as eval_config
+    from xft_jax import eval_lib
+
+    run = tiny_run
     e = eval_config.get_config()
     e.model.workdir = run
     e.eval.batch_size, e.data.max_examples = 4, 10            # 2 full batches + 1 partial
     one = eval_lib.run_evaluation(e, str(tmp_path / "one"))
 
-    port = _free_port()
-    args = ["-m", "xft_jax.evaluate", "--config=configs/eval.py", f"--out={tmp_path / 'two'}",
-            f"--config.model.workdir={run}", "--config.eval.batch_size=4",
-            "--config.data.max_examples=10", f"--coordinator=127.0.0.1:{port}",
-            "--num_processes=2", "--platform=cpu", "--cpu_devices=2"]
-    _run_workers([[f"--process_id={i}"] for i in range(2)], [{}, {}], timeout=300,
-                 program=tuple(args))
+    _main_on_two_processes("xft_jax.evaluate", [
+        f"--out={tmp_path / 'two'}", f"--config.model.workdir={run}",
+        "--config.eval.batch_size=4", "--config.data.max_examples=10"])
     with open(tmp_path / "two" / "metrics.json") as f:
         two = json.load(f)
     assert two["devices"] == 4 and two["mesh"]["fsdp"] == 4
@@ -255,3 +267,28 @@ def test_two_process_evaluate_equals_one_process(tmp_path):
     ids2, p2 = probs(tmp_path / "two")
     assert ids1 == ids2 and len(set(ids2)) == 10
     np.testing.assert_allclose(p2, p1, atol=2e-5)
+
+
+def test_two_process_probe_equals_one_process(tiny_run, tmp_path):
+    """``python -m xft_jax.probe`` on 2 processes x 2 devices: the same per-layer means as
+    one process, written once."""
+    from configs import eval as eval_config
+    from xft_jax import probe_lib, probe_report
+
+    e = eval_config.get_config()
+    e.model.workdir = tiny_run
+    e.eval.batch_size, e.data.max_examples = 4, 6
+    one = probe_report.run_probes(e, str(tmp_path / "one"), [], [])
+    _main_on_two_processes("xft_jax.probe", [
+        f"--out={tmp_path / 'two'}", f"--config.model.workdir={tiny_run}",
+        "--config.eval.batch_size=4", "--config.data.max_examples=6"])
+    with open(tmp_path / "two" / "probe.json") as f:
+        two = json.load(f)
+    assert two["runs"][0]["n"] == one["runs"][0]["n"] == 6
+    assert two["runs"][0]["devices"] == 4 and two["runs"][0]["mesh"]["fsdp"] == 4
+    (variant,) = one["variants"]
+    for metric in probe_lib.METRICS:
+        got = np.array(two["variants"][variant][metric]["mean"], dtype=float)
+        want = np.array(one["variants"][variant][metric]["mean"], dtype=float)
+        assert np.isfinite(want[1:]).all(), metric
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=metric)

@@ -47,6 +47,7 @@ def probe_run(config, mesh) -> dict:
             "num_layers": int(m.config.num_layers), "accuracy": acc,
             "variant": str(run.data.target) if run is not None else "base",
             "seed": int(run.train.seed) if run is not None else 0,
+            "devices": jax.device_count(), "mesh": dict(mesh.shape),
             "summary": probe_lib.summarize(values)}
 
 
