@@ -155,8 +155,8 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     rows += common.attention_rows(case, "examples/s vs full-logits forward", ours, failed,
                                   lambda r: e["batch"] / min(r["times"][e["warmup"]:]),
                                   eps["torch"])
-    details = {"checkpoint": ckpt, "examples_per_s": eps, "per_attention": ours, "examples_per_s_median": eps_median,
-               "raw": res, "max_diff": diff}
+    details = {"checkpoint": ckpt, "examples_per_s": eps, "examples_per_s_median": eps_median,
+               "per_attention": ours, "raw": res, "max_diff": diff}
     section = common.record("eval_scoring", size, rows, details, out, write_md, argv)
     print(section)
     return {"rows": rows, "details": details}

@@ -6,7 +6,8 @@
         --config.model.path=/models/mistral-7b [--config.model.adapter=/adapters/x]
 
 Multi-process (a TPU pod, SLURM, or --coordinator/--num_processes/--process_id): every
-process runs the same command; process 0 writes. Writes ``<out>/metrics.json`` (metrics, examples/s, what was loaded, the data) and
+process runs the same command; process 0 writes. Writes ``<out>/metrics.json``
+(metrics, examples/s, what was loaded, the data) and
 ``<out>/predictions.csv`` (id, gold, predicted, p1..p5 [, generated label and text]).
 """
 

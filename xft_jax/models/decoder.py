@@ -363,7 +363,7 @@ def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, p
     if output == "none":
         return result
     if output_positions is not None:
-        x = jnp.take_along_axis(x, output_positions[..., None].astype(jnp.int32), axis=1)
+        x = _rows_at(x, output_positions)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, dt)
     if output == "hidden":
         result["hidden"] = x

@@ -320,11 +320,11 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
         # Wait for the transfer so each host staging buffer is freed before the next
         # leaf's is filled: without it, in-flight copies pile up on the host.
         jax.block_until_ready(arr)
-        flat.append((p, keys, arr))
+        flat.append((p, arr))
     stacked = _load_layers(files, [leaf[1:] for leaf in layer_leaves], cfg.num_layers,
                            np_dtype, layer_transform)
-    flat += [(p, keys, stacked[tuple(keys)]) for p, keys, _, _ in layer_leaves]
-    for p, _, arr in flat:
+    flat += [(p, stacked[tuple(keys)]) for p, keys, _, _ in layer_leaves]
+    for p, arr in flat:
         _set_path(state, p, arr)
     return nnx.merge(graphdef, state)
 
