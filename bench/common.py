@@ -54,7 +54,7 @@ SPECS = {
     "cpu": dict(model=_MID, dtype="float32", remat="none",
                 train=dict(cases=[(2, 512)], warmup=1, steps=3),
                 eval=dict(batch=4, seq=512, warmup=1, reps=5),
-                load=dict(model=dict(_MID, num_hidden_layers=24), dtype="float32"),
+                load=dict(model=dict(_MID, num_hidden_layers=24), dtype="float32", reps=3),
                 matmul=2048, target_frac=0.125),
     "gpu": dict(model=_MISTRAL7B, dtype="bfloat16", remat="full",
                 attention=("xla", "cudnn"),

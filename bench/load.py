@@ -14,9 +14,13 @@ at 512 MB like HF's own saves). Each loader runs in a fresh child process, twice
   numbers compare the loaders' own work. Two raw reads are reported: into the reused
   buffer (page-cache copy speed) and into fresh arrays (what any loader must at least
   do; on a VM, first-touch page faults dominate it).
-transformers' CPU weights can stay lazily memory-mapped after ``from_pretrained``, so
-its child reads every weight once (a sum) before the clock stops. Peak RSS: the child
-resets its high-water mark (``/proc/self/clear_refs`` = 5) after its imports and reads
+
+Each size repeats both rounds ``reps`` times, the loaders interleaved, and reports
+medians: on a shared VM one load can take twice another's time. transformers' CPU
+weights can stay lazily memory-mapped after ``from_pretrained``, so its child reads
+every weight once (a sum) before the clock stops. Imports (ours: the loader's module;
+transformers: the model's class) happen before the clock. Peak RSS: the child resets
+its high-water mark (``/proc/self/clear_refs`` = 5) after its imports and reads
 ``VmHWM`` afterwards; "extra" is that peak minus the RSS before loading (imports
 excluded). On the GPU sizes the model lands in GPU memory, so host RSS is staging only.
 """
@@ -96,13 +100,19 @@ LOADERS = {"raw": load_raw, "raw_fresh": load_raw_fresh, "ours": load_ours, "hf"
 
 
 def child(sp: dict, kind: str, ckpt: str) -> dict:
-    # Imports and runtime start-up happen before the clock and the RSS reset.
+    # Imports (the loader's module and, for transformers, the model's class) and runtime
+    # start-up happen before the clock and the RSS reset.
     if kind == "ours":
         import jax
+
+        from xft_jax.models import hf_io  # noqa: F401
         jax.devices()
     elif kind == "hf":
         common.torch_setup()
-        import transformers  # noqa: F401
+        import transformers
+        from transformers.models.auto import modeling_auto
+        config = transformers.AutoConfig.from_pretrained(ckpt)
+        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     before = common.reset_peak_rss()
     t0 = time.perf_counter()
     obj = LOADERS[kind](ckpt, sp["load"]["dtype"])
@@ -123,23 +133,37 @@ def evict(ckpt: str) -> None:
             os.close(fd)
 
 
+def _median_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per loader: the median time of its runs; peak RSS the largest seen (the bound)."""
+    return {k: {"seconds": common.median([r["seconds"] for r in rs]),
+                "all_seconds": [r["seconds"] for r in rs],
+                "extra_rss": max(r["extra_rss"] for r in rs),
+                "peak_rss": max(r["peak_rss"] for r in rs)} for k, rs in runs.items()}
+
+
 def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     sp = common.spec(size)
     ld = sp["load"]
     ckpt = common.checkpoint(ld["model"], ld["dtype"])
     size_b = common.checkpoint_bytes(ckpt)
     args = [f"--size={size}", f"--ckpt={ckpt}"]
-    cold = {}
-    for k in ("raw", "ours", "hf"):
-        evict(ckpt)
-        cold[k] = common.run_child("load.py", args + [f"--child={k}"], F.timeout.value)
+    reps = ld.get("reps", 1)
+    cold_runs, warm_runs = {}, {}
+    for _ in range(reps):       # rounds, so drift on a shared machine hits every loader
+        for k in ("raw", "ours", "hf"):
+            evict(ckpt)
+            cold_runs.setdefault(k, []).append(
+                common.run_child("load.py", args + [f"--child={k}"], F.timeout.value))
+        load_raw(ckpt, ld["dtype"])                 # warm the page cache (not reported)
+        for k in ("raw", "raw_fresh", "ours", "hf"):
+            warm_runs.setdefault(k, []).append(
+                common.run_child("load.py", args + [f"--child={k}"], F.timeout.value))
+    cold, res = _median_runs(cold_runs), _median_runs(warm_runs)
     cspeed = {k: size_b / r["seconds"] for k, r in cold.items()}
-    load_raw(ckpt, ld["dtype"])                     # warm the page cache (not reported)
-    res = {k: common.run_child("load.py", args + [f"--child={k}"], F.timeout.value)
-           for k in ("raw", "raw_fresh", "ours", "hf")}
     speed = {k: size_b / r["seconds"] for k, r in res.items()}
     rss = {k: r["extra_rss"] / size_b for k, r in res.items()}
-    case = f"{common.fmt(size_b, 'B')} {ld['dtype']}"
+    case = f"{common.fmt(size_b, 'B')} {ld['dtype']}" + (f", median of {reps}" if reps > 1
+                                                          else "")
     mbs = lambda v: common.fmt(v, "B") + "/s"  # noqa: E731
     rows = [
         dict(case=case, metric="cold: load speed vs raw read from storage",

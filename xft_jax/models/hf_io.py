@@ -3,7 +3,9 @@
 Loading builds the abstract model first (``nnx.eval_shape``), derives each parameter's
 sharding, then reads for every device shard exactly the slice it holds, straight from the
 files (``jax.make_array_from_callback``). The whole model is never held twice on the host,
-and on several hosts each host reads only what its own devices hold.
+and on several hosts each host reads only what its own devices hold. The kernel is asked
+to read ahead of the loader, and layers are staged in reused host buffers
+(``host_reads``), so a load from storage overlaps reading with the device work.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from xft_jax import atomic, sharding
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import Decoder, leaf_axes
+from xft_jax.models.host_reads import StreamedReads
 from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
 
 LAYER_PREFIX = "model.layers.{i}."
@@ -42,6 +45,8 @@ HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.
                 "lm_head": "lm_head.weight"}
 TRANSPOSED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "lm_head"}
+# How far ahead of the tensor being read the kernel is asked to read (bytes).
+READ_AHEAD_BYTES = 256 * 2**20
 # Buffers some checkpoints carry that hold no weights.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -124,14 +129,24 @@ def _stage_dtype(f: SafetensorsFile, name: str, np_dtype: np.dtype) -> np.dtype:
     return src if src in _DEVICE_CAST and src.itemsize <= np_dtype.itemsize else np_dtype
 
 
-def _read_hf(f: SafetensorsFile, name: str, index, shape, stage_dtype):
-    """The slice ``index`` of one tensor in HF's own layout (as stored, so no host
-    transpose). ``read_block`` reads only this shard's columns: on several hosts each
-    host reads only its own part."""
+def _blocks(index, shape) -> tuple[slice, slice | None]:
+    """(rows, columns) of a device shard's ``index`` into a tensor of ``shape``."""
     norm = tuple(slice(*s.indices(n)) for s, n in zip(
         tuple(index) + (slice(None),) * (len(shape) - len(index)), shape))
-    part = f.read_block(name, norm[0], norm[1] if len(norm) > 1 else None)
-    return np.ascontiguousarray(part, dtype=stage_dtype)
+    return norm[0] if norm else None, norm[1] if len(norm) > 1 else None
+
+
+def _read_hf(f: SafetensorsFile, name: str, index, shape, stage_dtype, reads=None):
+    """The slice ``index`` of one tensor in HF's own layout (as stored, so no host
+    transpose). ``read_block`` reads only this shard's columns: on several hosts each
+    host reads only its own part. With ``reads``, a tensor staged as stored is read into
+    one of its reused buffers."""
+    rows, cols = _blocks(index, shape)
+    src = np.dtype(f.tensors[name]["dtype"])
+    if reads is not None and src == stage_dtype and shape:
+        block = tuple(s.stop - s.start for s in (rows, cols) if s is not None) + shape[2:]
+        return f.read_block(name, rows, cols, out=reads.buffer(block, src))
+    return np.ascontiguousarray(f.read_block(name, rows, cols), dtype=stage_dtype)
 
 
 def _hf_sharding(shard, ndim: int):
@@ -143,14 +158,35 @@ def _hf_sharding(shard, ndim: int):
     return NamedSharding(shard.mesh, P(*spec[:-2], spec[-1], spec[-2]))
 
 
-def _read_array(f, name, leaf, shape, shard, np_dtype):
-    """(HF-layout device array, whether it still needs a transpose to ``shape``)."""
-    transpose = leaf in TRANSPOSED
-    hf_shape = tuple(shape[:-2]) + (shape[-1], shape[-2]) if transpose else tuple(shape)
+def _hf_layout(leaf: str, shape, shard):
+    """(shape, sharding) of a leaf's tensor as HF stores it, and whether ours transposes it."""
+    if leaf not in TRANSPOSED:
+        return tuple(shape), shard, False
+    return (tuple(shape[:-2]) + (shape[-1], shape[-2]), _hf_sharding(shard, len(shape)),
+            True)
+
+
+def _planned(f, name: str, leaf: str, shape, shard):
+    """(file, name, distinct blocks this process reads) of one tensor, for the read plan."""
+    hf_shape, hf_shard, _ = _hf_layout(leaf, shape, shard)
+    blocks = {}
+    for idx in hf_shard.addressable_devices_indices_map(hf_shape).values():
+        block = _blocks(idx, hf_shape)          # slices: keyed by bounds (unhashable)
+        blocks[tuple((s.start, s.stop) if s else () for s in block)] = block
+    return f, name, [blocks[k] for k in sorted(blocks)]
+
+
+def _read_array(f, name, leaf, shape, shard, np_dtype, reads=None, reuse=False):
+    """(HF-layout device array, whether it still needs a transpose to ``shape``).
+    ``reads`` asks for read-ahead; ``reuse`` stages in its reused buffers (only for
+    arrays the caller drops before ``reads.recycle()``)."""
+    hf_shape, hf_shard, transpose = _hf_layout(leaf, shape, shard)
+    if reads is not None:
+        reads.starting(name)
     stage = _stage_dtype(f, name, np_dtype)
     arr = jax.make_array_from_callback(
-        hf_shape, _hf_sharding(shard, len(shape)) if transpose else shard,
-        lambda idx: _read_hf(f, name, idx, hf_shape, stage))
+        hf_shape, hf_shard,
+        lambda idx: _read_hf(f, name, idx, hf_shape, stage, reads if reuse else None))
     return arr, transpose
 
 
@@ -180,12 +216,12 @@ def _convert(arr, transpose: bool, shard, np_dtype):
     return arr if arr.dtype == np_dtype else _jitted(_astype, shard, np_dtype)(arr)
 
 
-def _load_top(files, keys, shape, shard, np_dtype, layer_transform=None):
+def _load_top(files, keys, shape, shard, np_dtype, layer_transform=None, reads=None):
     """A top-level parameter (embed, final_norm, lm_head) as a device array (or, with
     ``layer_transform``, a pytree of them)."""
     leaf = keys[-1]
     name = HF_TOP_NAMES[leaf]
-    arr, transpose = _read_array(files[name], name, leaf, shape, shard, np_dtype)
+    arr, transpose = _read_array(files[name], name, leaf, shape, shard, np_dtype, reads)
     arr = _convert(arr, transpose, shard, np_dtype)
     return arr if layer_transform is None else layer_transform(tuple(keys), arr)
 
@@ -217,30 +253,45 @@ def _layer_order(files, leaves, n: int) -> list[int]:
     return sorted(range(n), key=where)
 
 
-def _load_layers(files, leaves, n: int, np_dtype, transform=None) -> dict:
-    """Every stacked layer leaf, {keys: stacked}, read layer by layer in file order.
+def _load_layers(files, leaves, order: list[int], np_dtype, transform=None,
+                 reads: StreamedReads | None = None) -> dict:
+    """Every stacked layer leaf, {keys: stacked}, read layer by layer in ``order``.
 
     leaves: (keys, stacked shape, per-layer sharding). Each tensor is staged as stored (HF
-    [out, in]), transposed and cast on device, mapped by ``transform`` (quantisation) when
-    given, and written into donated stacked buffers (one per pytree child). The host never
-    stages more than one tensor, and the dense layer is dropped as soon as it is written."""
+    [out, in]) in a host buffer reused from layer to layer, transposed and cast on
+    device, mapped by ``transform`` (quantisation) when given, and written into donated
+    stacked buffers (one per pytree child). The host stages one tensor at a time, and
+    the dense layer is dropped as soon as it is written."""
     stacked: dict[tuple, Any] = {}
-    for i in _layer_order(files, leaves, n):
+    n = len(order)
+    for i in order:
         for keys, shape, layer_shard in leaves:
             leaf, key = keys[-1], tuple(keys)
             name = _hf_layer_name(i, leaf)
             layer = _convert(*_read_array(files[name], name, leaf, shape[1:], layer_shard,
-                                          np_dtype), layer_shard, np_dtype)
+                                          np_dtype, reads, reuse=reads is not None),
+                             layer_shard, np_dtype)
             out = layer if transform is None else transform(key, layer)
             del layer
             if key not in stacked:
                 shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
-                stacked[key] = jax.jit(functools.partial(_start_stack, n=n),
-                                       out_shardings=shards)(out, i)
+                leaves_, tree = jax.tree.flatten(shards)
+                stacked[key] = _stack_starter(n, tree, tuple(leaves_))(out, i)
             else:
                 stacked[key] = _set_layer(stacked[key], out, i)
-            jax.block_until_ready(stacked[key])    # else staged tensors pile up on the host
+            # Waiting frees (or, with ``reads``, returns) the staging buffer before the
+            # next tensor is staged; without it, staged tensors pile up on the host.
+            del out
+            jax.block_until_ready(stacked[key])
+            if reads is not None:
+                reads.recycle()
     return stacked
+
+
+@functools.lru_cache(maxsize=64)     # leaves of one shape share a compiled program
+def _stack_starter(n: int, tree, shards: tuple):
+    return jax.jit(functools.partial(_start_stack, n=n),
+                   out_shardings=jax.tree.unflatten(tree, shards))
 
 
 def _start_stack(layer, i, n: int):
@@ -303,9 +354,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
         from xft_jax import quantization as quant_lib   # imports this package
         layer_transform = quant_lib.layer_transform(quant_lib.as_config(quantization,
                                                                         quant_block))
-    flat, layer_leaves = [], []
-    # Top-level leaves (embed, lm_head) first, while little else is resident: their
-    # transient host copy then never adds to a nearly loaded model.
+    top_leaves, layer_leaves = [], []
     for p, var in nnx.to_flat_state(state):
         keys = [str(getattr(k, "key", k)) for k in p]
         shape = var.get_value().shape
@@ -315,14 +364,25 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if keys[0] == "layers":
             layer_leaves.append((p, keys, shape, _layer_shard(shard, len(shape))))
-            continue
-        arr = _load_top(files, keys, shape, shard, np_dtype, layer_transform)
+        else:
+            top_leaves.append((p, keys, shape, shard))
+    leaves = [leaf[1:] for leaf in layer_leaves]
+    order = _layer_order(files, leaves, cfg.num_layers)
+    plan = [_planned(files[n], n, keys[-1], shape, shard) for _, keys, shape, shard in
+            top_leaves for n in [HF_TOP_NAMES[keys[-1]]]]
+    plan += [_planned(files[n], n, keys[-1], shape[1:], shard) for i in order
+             for keys, shape, shard in leaves for n in [_hf_layer_name(i, keys[-1])]]
+    reads = StreamedReads(plan, READ_AHEAD_BYTES)
+    # Top-level leaves (embed, lm_head) first, while little else is resident: their
+    # transient host copy then never adds to a nearly loaded model.
+    flat = []
+    for p, keys, shape, shard in top_leaves:
+        arr = _load_top(files, keys, shape, shard, np_dtype, layer_transform, reads)
         # Wait for the transfer so each host staging buffer is freed before the next
         # leaf's is filled: without it, in-flight copies pile up on the host.
         jax.block_until_ready(arr)
         flat.append((p, arr))
-    stacked = _load_layers(files, [leaf[1:] for leaf in layer_leaves], cfg.num_layers,
-                           np_dtype, layer_transform)
+    stacked = _load_layers(files, leaves, order, np_dtype, layer_transform, reads)
     flat += [(p, stacked[tuple(keys)]) for p, keys, _, _ in layer_leaves]
     for p, arr in flat:
         _set_path(state, p, arr)

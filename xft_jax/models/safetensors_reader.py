@@ -75,49 +75,94 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name]["shape"]
 
-    def read_rows(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Rows ``rows`` of the tensor (all when None), read with one pread."""
+    def _row_bytes(self, name: str, rows: slice | None) -> tuple[int, int, int, int]:
+        """(first row, end row, file offset of the first row, byte count) of ``rows``."""
         info = self.tensors[name]
-        shape, dtype = info["shape"], np.dtype(info["dtype"])
+        shape, itemsize = info["shape"], np.dtype(info["dtype"]).itemsize
         if not shape:
             rows = None
         start, stop = (0, shape[0] if shape else 1) if rows is None else (
             rows.start or 0, shape[0] if rows.stop is None else rows.stop)
-        row_elems = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
-        count = (stop - start) * row_elems
-        out = np.empty(count, dtype)
-        offset = self.data_start + info["offset"] + start * row_elems * dtype.itemsize
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * itemsize if shape else itemsize
+        return (start, stop, self.data_start + info["offset"] + start * row_bytes,
+                (stop - start) * row_bytes)
+
+    def read_rows(self, name: str, rows: slice | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` of the tensor (all when None), read with one pread, into ``out``
+        when given (a contiguous array of the rows' shape and the tensor's dtype)."""
+        info = self.tensors[name]
+        shape, dtype = info["shape"], np.dtype(info["dtype"])
+        start, stop, offset, nbytes = self._row_bytes(name, rows)
+        out = self._buffer(name, out, (stop - start, *shape[1:]) if shape else (), dtype)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            view = memoryview(out.view(np.uint8))
+            view = memoryview(out.reshape(-1).view(np.uint8))
             got = 0
-            while got < out.nbytes:
+            while got < nbytes:
                 chunk = os.preadv(fd, [view[got:]], offset + got)
                 if chunk <= 0:
                     raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
                 got += chunk
         finally:
             os.close(fd)
-        return out.reshape((stop - start, *shape[1:]) if shape else ())
+        return out
 
-    def read_block(self, name: str, rows: slice | None = None,
-                   cols: slice | None = None) -> np.ndarray:
-        """Rows x columns of a 2-D tensor. When the columns are at most half a row, only
-        their bytes are read (one pread per row), so a column-sharded device shard does
-        not pull whole rows from disk (on several hosts, each reads only its part);
-        otherwise whole rows are read and sliced."""
+    def _buffer(self, name: str, out: np.ndarray | None, shape, dtype) -> np.ndarray:
+        """``out`` checked to hold exactly ``shape`` x ``dtype`` contiguously, or a new one."""
+        if out is None:
+            return np.empty(shape, dtype)
+        if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{self.path}: a {out.shape} {out.dtype} buffer cannot hold "
+                             f"{tuple(shape)} {np.dtype(dtype)} of {name!r}")
+        return out
+
+    def _cols_of(self, name: str, cols: slice | None) -> tuple[int, int] | None:
+        """The column range ``cols`` selects when only its bytes are worth reading (at most
+        half a row of a 2-D tensor); None when whole rows are read."""
         shape = self.tensors[name]["shape"]
-        if cols is None or len(shape) != 2:
-            if cols is not None:
-                raise SafetensorsError(f"{self.path}: column slice of {name!r} with shape "
-                                       f"{shape} (only 2-D tensors have columns)")
-            return self.read_rows(name, rows)
+        if cols is None:
+            return None
+        if len(shape) != 2:
+            raise SafetensorsError(f"{self.path}: column slice of {name!r} with shape "
+                                   f"{shape} (only 2-D tensors have columns)")
         c0, c1, _ = cols.indices(shape[1])
-        if 2 * (c1 - c0) > shape[1]:
-            return self.read_rows(name, rows)[:, c0:c1]
-        r0, r1, _ = (rows or slice(None)).indices(shape[0])
+        return (c0, c1) if 2 * (c1 - c0) <= shape[1] else None
+
+    def prefetch(self, name: str, rows: slice | None = None,
+                 cols: slice | None = None) -> int:
+        """Asks the kernel to start reading what ``read_block(name, rows, cols)`` will read
+        into the page cache, without waiting (readahead), so that read overlaps other
+        work. Returns the bytes asked for: 0 for a narrow column block (scattered rows,
+        left to the reads themselves) or where the platform has no ``posix_fadvise``."""
+        if self._cols_of(name, cols) is not None or not hasattr(os, "posix_fadvise"):
+            return 0
+        _, _, offset, nbytes = self._row_bytes(name, rows)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        return nbytes
+
+    def read_block(self, name: str, rows: slice | None = None, cols: slice | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Rows x columns of a tensor (into ``out`` when given). When the columns are at
+        most half a row, only their bytes are read (one pread per row), so a
+        column-sharded device shard does not pull whole rows from disk (on several
+        hosts, each reads only its part); otherwise whole rows are read and sliced."""
+        shape = self.tensors[name]["shape"]
+        narrow = self._cols_of(name, cols)
+        if narrow is None:
+            if cols is None or cols.indices(shape[1])[:2] == (0, shape[1]):
+                return self.read_rows(name, rows, out=out)
+            part = self.read_rows(name, rows)[:, cols]
+            out = self._buffer(name, out, part.shape, part.dtype)
+            np.copyto(out, part)
+            return out
+        (c0, c1), (r0, r1, _) = narrow, (rows or slice(None)).indices(shape[0])
         dtype = np.dtype(self.tensors[name]["dtype"])
-        out = np.empty((r1 - r0, c1 - c0), dtype)
+        out = self._buffer(name, out, (r1 - r0, c1 - c0), dtype)
         row_bytes, width = shape[1] * dtype.itemsize, (c1 - c0) * dtype.itemsize
         base = self.data_start + self.tensors[name]["offset"] + c0 * dtype.itemsize
         view = memoryview(out.view(np.uint8).reshape(-1))
