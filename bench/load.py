@@ -113,7 +113,8 @@ def child(sp: dict, kind: str, ckpt: str) -> dict:
         import transformers
         from transformers.models.auto import modeling_auto
         config = transformers.AutoConfig.from_pretrained(ckpt)
-        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model_class = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        del model_class                     # looking it up imported its module
     before = common.reset_peak_rss()
     t0 = time.perf_counter()
     obj = LOADERS[kind](ckpt, sp["load"]["dtype"])
