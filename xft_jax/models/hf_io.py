@@ -176,6 +176,20 @@ def _planned(f, name: str, leaf: str, shape, shard):
     return f, name, [blocks[k] for k in sorted(blocks)]
 
 
+def _read_plan(files, top_leaves, leaves, order: list[int]) -> list:
+    """Every tensor read of a load, in the order ``load_pretrained`` reads them: the
+    top-level leaves, then layer by layer in ``order``."""
+    plan = []
+    for _, keys, shape, shard in top_leaves:
+        name = HF_TOP_NAMES[keys[-1]]
+        plan.append(_planned(files[name], name, keys[-1], shape, shard))
+    for i in order:
+        for keys, shape, shard in leaves:
+            name = _hf_layer_name(i, keys[-1])
+            plan.append(_planned(files[name], name, keys[-1], shape[1:], shard))
+    return plan
+
+
 def _read_array(f, name, leaf, shape, shard, np_dtype, reads=None, reuse=False):
     """(HF-layout device array, whether it still needs a transpose to ``shape``).
     ``reads`` asks for read-ahead; ``reuse`` stages in its reused buffers (only for
@@ -368,11 +382,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             top_leaves.append((p, keys, shape, shard))
     leaves = [leaf[1:] for leaf in layer_leaves]
     order = _layer_order(files, leaves, cfg.num_layers)
-    plan = [_planned(files[n], n, keys[-1], shape, shard) for _, keys, shape, shard in
-            top_leaves for n in [HF_TOP_NAMES[keys[-1]]]]
-    plan += [_planned(files[n], n, keys[-1], shape[1:], shard) for i in order
-             for keys, shape, shard in leaves for n in [_hf_layer_name(i, keys[-1])]]
-    reads = StreamedReads(plan, READ_AHEAD_BYTES)
+    reads = StreamedReads(_read_plan(files, top_leaves, leaves, order), READ_AHEAD_BYTES)
     # Top-level leaves (embed, lm_head) first, while little else is resident: their
     # transient host copy then never adds to a nearly loaded model.
     flat = []
