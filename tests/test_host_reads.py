@@ -104,6 +104,8 @@ def test_every_read_was_asked_for_first_and_values_are_exact(hf_checkpoint, monk
     mesh = None if mesh_shape is None else sharding.create_mesh(*mesh_shape)
     model = models.load_pretrained(path, mesh=mesh)
     assert set(read) == set(asked)
+    # Read-ahead asked for the tensors in the order the loader read them.
+    assert _first_seen(n for n, _, _ in read) == _first_seen(n for n, _, _ in asked)
     monkeypatch.undo()
     # No parameter lives in a staging buffer the loader would hand out again.
     (reads,) = loads
@@ -119,3 +121,7 @@ def test_every_read_was_asked_for_first_and_values_are_exact(hf_checkpoint, monk
     assert got and set(got) <= set(src.tensors)
     for name, value in got.items():
         np.testing.assert_array_equal(value, src.read_rows(name), err_msg=name)
+
+
+def _first_seen(names) -> list:
+    return list(dict.fromkeys(names))

@@ -176,18 +176,22 @@ def _planned(f, name: str, leaf: str, shape, shard):
     return f, name, [blocks[k] for k in sorted(blocks)]
 
 
-def _read_plan(files, top_leaves, leaves, order: list[int]) -> list:
-    """Every tensor read of a load, in the order ``load_pretrained`` reads them: the
-    top-level leaves, then layer by layer in ``order``."""
-    plan = []
+def _tensor_reads(top_leaves, leaves, order: list[int]):
+    """Every tensor one load reads, in the order it reads them: the top-level leaves,
+    then layer by layer in ``order``. Yields (HF name, keys, shape in our layout (one
+    layer's for stacked leaves), sharding, layer index or None). The read plan and the
+    load both walk this, so read-ahead asks for tensors in the order they are read."""
     for _, keys, shape, shard in top_leaves:
-        name = HF_TOP_NAMES[keys[-1]]
-        plan.append(_planned(files[name], name, keys[-1], shape, shard))
+        yield HF_TOP_NAMES[keys[-1]], keys, tuple(shape), shard, None
     for i in order:
         for keys, shape, shard in leaves:
-            name = _hf_layer_name(i, keys[-1])
-            plan.append(_planned(files[name], name, keys[-1], shape[1:], shard))
-    return plan
+            yield _hf_layer_name(i, keys[-1]), keys, tuple(shape[1:]), shard, i
+
+
+def _read_plan(files, tensor_reads) -> list:
+    """(file, name, blocks this process reads) of every tensor in ``tensor_reads``."""
+    return [_planned(files[name], name, keys[-1], shape, shard)
+            for name, keys, shape, shard, _ in tensor_reads]
 
 
 def _read_array(f, name, leaf, shape, shard, np_dtype, reads=None, reuse=False):
@@ -230,16 +234,6 @@ def _convert(arr, transpose: bool, shard, np_dtype):
     return arr if arr.dtype == np_dtype else _jitted(_astype, shard, np_dtype)(arr)
 
 
-def _load_top(files, keys, shape, shard, np_dtype, layer_transform=None, reads=None):
-    """A top-level parameter (embed, final_norm, lm_head) as a device array (or, with
-    ``layer_transform``, a pytree of them)."""
-    leaf = keys[-1]
-    name = HF_TOP_NAMES[leaf]
-    arr, transpose = _read_array(files[name], name, leaf, shape, shard, np_dtype, reads)
-    arr = _convert(arr, transpose, shard, np_dtype)
-    return arr if layer_transform is None else layer_transform(tuple(keys), arr)
-
-
 def _layer_shard(shard, ndim: int):
     """The sharding of one layer of a stacked leaf (the leading layer axis dropped)."""
     if isinstance(shard, NamedSharding):
@@ -267,39 +261,40 @@ def _layer_order(files, leaves, n: int) -> list[int]:
     return sorted(range(n), key=where)
 
 
-def _load_layers(files, leaves, order: list[int], np_dtype, transform=None,
-                 reads: StreamedReads | None = None) -> dict:
-    """Every stacked layer leaf, {keys: stacked}, read layer by layer in ``order``.
+def _load_tensors(files, tensor_reads, n: int, np_dtype, transform=None,
+                  reads: StreamedReads | None = None) -> dict:
+    """{keys: device array} of every leaf in ``tensor_reads`` (see ``_tensor_reads``):
+    top-level leaves as read, layer leaves stacked [n, ...].
 
-    leaves: (keys, stacked shape, per-layer sharding). Each tensor is staged as stored (HF
-    [out, in]) in a host buffer reused from layer to layer, transposed and cast on
-    device, mapped by ``transform`` (quantisation) when given, and written into donated
-    stacked buffers (one per pytree child). The host stages one tensor at a time, and
-    the dense layer is dropped as soon as it is written."""
-    stacked: dict[tuple, Any] = {}
-    n = len(order)
-    for i in order:
-        for keys, shape, layer_shard in leaves:
-            leaf, key = keys[-1], tuple(keys)
-            name = _hf_layer_name(i, leaf)
-            layer = _convert(*_read_array(files[name], name, leaf, shape[1:], layer_shard,
-                                          np_dtype, reads, reuse=reads is not None),
-                             layer_shard, np_dtype)
-            out = layer if transform is None else transform(key, layer)
-            del layer
-            if key not in stacked:
-                shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
-                leaves_, tree = jax.tree.flatten(shards)
-                stacked[key] = _stack_starter(n, tree, tuple(leaves_))(out, i)
-            else:
-                stacked[key] = _set_layer(stacked[key], out, i)
-            # Waiting frees (or, with ``reads``, returns) the staging buffer before the
-            # next tensor is staged; without it, staged tensors pile up on the host.
-            del out
-            jax.block_until_ready(stacked[key])
-            if reads is not None:
-                reads.recycle()
-    return stacked
+    Each tensor is read as stored (HF [out, in]), transposed and cast on device, and
+    mapped by ``transform`` (quantisation) when given. A layer tensor is staged in a
+    host buffer reused from layer to layer and written into its donated stacked buffers
+    (one per pytree child), so the host stages one tensor at a time and the dense layer
+    is dropped as soon as it is written. Top-level leaves (which may become the final
+    arrays) are never staged in reused buffers."""
+    loaded: dict[tuple, Any] = {}
+    for name, keys, shape, shard, i in tensor_reads:
+        key = tuple(keys)
+        arr = _convert(*_read_array(files[name], name, keys[-1], shape, shard, np_dtype,
+                                    reads, reuse=reads is not None and i is not None),
+                       shard, np_dtype)
+        out = arr if transform is None else transform(key, arr)
+        del arr
+        if i is None:
+            loaded[key] = out
+        elif key not in loaded:
+            shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
+            leaves_, tree = jax.tree.flatten(shards)
+            loaded[key] = _stack_starter(n, tree, tuple(leaves_))(out, i)
+        else:
+            loaded[key] = _set_layer(loaded[key], out, i)
+        # Waiting frees (or, with ``reads``, returns) the staging buffer before the next
+        # tensor is staged; without it, staged tensors pile up on the host.
+        del out
+        jax.block_until_ready(loaded[key])
+        if reads is not None:
+            reads.recycle()
+    return loaded
 
 
 @functools.lru_cache(maxsize=64)     # leaves of one shape share a compiled program
@@ -381,21 +376,15 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
         else:
             top_leaves.append((p, keys, shape, shard))
     leaves = [leaf[1:] for leaf in layer_leaves]
-    order = _layer_order(files, leaves, cfg.num_layers)
-    reads = StreamedReads(_read_plan(files, top_leaves, leaves, order), READ_AHEAD_BYTES)
     # Top-level leaves (embed, lm_head) first, while little else is resident: their
     # transient host copy then never adds to a nearly loaded model.
-    flat = []
-    for p, keys, shape, shard in top_leaves:
-        arr = _load_top(files, keys, shape, shard, np_dtype, layer_transform, reads)
-        # Wait for the transfer so each host staging buffer is freed before the next
-        # leaf's is filled: without it, in-flight copies pile up on the host.
-        jax.block_until_ready(arr)
-        flat.append((p, arr))
-    stacked = _load_layers(files, leaves, order, np_dtype, layer_transform, reads)
-    flat += [(p, stacked[tuple(keys)]) for p, keys, _, _ in layer_leaves]
-    for p, arr in flat:
-        _set_path(state, p, arr)
+    tensor_reads = list(_tensor_reads(top_leaves, leaves,
+                                      _layer_order(files, leaves, cfg.num_layers)))
+    reads = StreamedReads(_read_plan(files, tensor_reads), READ_AHEAD_BYTES)
+    loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype, layer_transform,
+                           reads)
+    for p, keys, _, _ in top_leaves + layer_leaves:
+        _set_path(state, p, loaded[tuple(keys)])
     return nnx.merge(graphdef, state)
 
 
