@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from xft_jax.data import targets
+
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_synthetic = ml_collections.FieldReference(None, field_type=int)
     c.data.eval_examples = ml_collections.FieldReference(None, field_type=int)
     c.data.pack = False
+    # Target variants every prompt leaves room for: runs of these variants then train and
+    # are scored on the same (cut) prompts and keep the same examples, so they differ only
+    # in the target. () leaves room for the run's own target only (longer targets then cut
+    # more context).
+    c.data.prompt_room = tuple(targets.PAPER_VARIANTS)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4

@@ -33,7 +33,10 @@ def get_config(arg=None):
     c.data.source = ""
     c.data.path = ""
     c.data.axis = ""
-    c.data.target = ""               # template variant (affects context truncation only)
+    c.data.target = ""               # recorded only: every row is scored as prompt + label
+    # variants each prompt leaves room for (as in training); None: the run's, else the
+    # paper's variants
+    c.data.prompt_room = ml_collections.FieldReference(None, field_type=tuple)
     c.data.split = "test"            # test | train
     c.data.max_len = ml_collections.FieldReference(None, field_type=int)
     c.data.seed = ml_collections.FieldReference(None, field_type=int)

@@ -283,3 +283,66 @@ def test_training_batches_pad_to_bucket_widths(mistral_tokenizer):
     c.data.pack = True
     packed = next(iter(data_lib.build(c, mistral_tokenizer).train.dataset))
     assert packed["input_ids"].shape[1] == 1024
+
+
+def _prompts(rows):
+    """Prompt ids of encoded rows (everything before the first loss position + 1)."""
+    return [tuple(r["input_ids"][:int(np.flatnonzero(r["loss_mask"])[0]) + 1]) for r in rows]
+
+
+def test_prompt_room_gives_every_variant_the_same_prompts(mistral_tokenizer):
+    """With the study's variants as ``prompt_room``, each variant's training rows hold the
+    same prompts and keep the same examples; with no room, longer targets cut more."""
+    from xft_jax.data.encode import Encoder
+    from xft_jax.data.targets import TARGET_VARIANTS
+
+    exs = synthetic.generate(60, seed=3)
+    vocab = ExplanationVocab.from_examples(exs, "naturalness")
+
+    def encode(variant, room, max_len=240):
+        enc = Encoder(mistral_tokenizer, axis="naturalness", variant=variant,
+                      max_len=max_len, vocab=vocab, prompt_room=room)
+        rows, stats = enc.encode_all(exs)
+        return {exs[int(r["index"])].id: p for r, p in zip(rows, _prompts(rows))}, stats
+
+    own = {v: encode(v, ()) for v in ("label_only", "explanation")}
+    # The set-up really cuts: without room, the explanation run sees shorter prompts.
+    assert own["explanation"][1].truncated > own["label_only"][1].truncated > 0
+    assert own["explanation"][0] != own["label_only"][0]
+    shared = {v: encode(v, TARGET_VARIANTS) for v in TARGET_VARIANTS}
+    first = shared["label_only"]
+    for v, (prompts, stats) in shared.items():
+        assert prompts == first[0], v
+        assert (stats.kept, stats.truncated, stats.dropped) == (
+            first[1].kept, first[1].truncated, first[1].dropped), v
+        assert stats.prompt_room[0] == v and set(stats.prompt_room) == set(TARGET_VARIANTS)
+    # A run's own target always counts: a room without it still fits its target.
+    rows, _ = Encoder(mistral_tokenizer, axis="naturalness", variant="explanation",
+                      max_len=240, prompt_room=("label_only",)).encode_all(exs)
+    assert rows and all(len(r["input_ids"]) <= 240 for r in rows)
+    # Where nothing needs cutting, the room changes nothing.
+    assert encode("label_only", TARGET_VARIANTS, 4096)[0] == encode("label_only", (), 4096)[0]
+    with pytest.raises(ValueError, match="unknown target variants"):
+        Encoder(mistral_tokenizer, axis="naturalness", variant="label_only", max_len=64,
+                prompt_room=("explanations",))
+    with pytest.raises(ValueError, match="random_vocab"):
+        Encoder(mistral_tokenizer, axis="naturalness", variant="label_only", max_len=64,
+                prompt_room=("random_vocab",))
+
+
+def test_prompt_room_from_config():
+    import ml_collections
+
+    from xft_jax.data.targets import PAPER_VARIANTS
+    from xft_jax.training.data import prompt_room
+
+    d = ml_collections.ConfigDict({"axis": "naturalness"})
+    assert prompt_room(d) == PAPER_VARIANTS          # written before the key existed
+    d.prompt_room = ("explanation",)
+    assert prompt_room(d) == ("explanation",)
+    d.prompt_room = ()
+    assert prompt_room(d) == ()
+    for bad in ("explanation", ("label_only", "nope")):
+        d = ml_collections.ConfigDict({"prompt_room": bad})
+        with pytest.raises(ValueError, match="config.data.prompt_room"):
+            prompt_room(d)

@@ -92,3 +92,26 @@ def test_launcher_mode_writes_one_job_per_pending_cell(tmp_path):
     assert len(launched) == 1 and jobs[0] in launched[0]
     assert '"submitted": 1' in out.stdout and '"skipped": 1' in out.stdout
     assert not os.path.exists(os.path.join(sweep, "coqa", "naturalness", "label_only"))
+
+
+def test_cells_leave_prompt_room_for_every_variant_of_the_sweep():
+    """Each training command carries the sweep's variants as ``data.prompt_room`` (parsed
+    by the real config flag), and an explicit override still wins."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    cell = grid.Cell("coqa", "naturalness", "label_only", 0)
+    variants = ("label_only", "explanation", "random_vocab")
+
+    def parsed(overrides=()):
+        (train, *_) = grid.cell_commands(cell, "/sweep", os.path.join(ROOT, "configs/tiny.py"),
+                                         "", overrides, probe=False, prompt_room=variants)
+        argv = ["train", *[a for a in train if a.startswith("--config")]]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+        fv(argv)
+        return fv.config.data
+
+    d = parsed()
+    assert d.target == "label_only" and tuple(d.prompt_room) == variants
+    assert tuple(parsed(["--config.data.prompt_room=()"]).prompt_room) == ()

@@ -25,13 +25,14 @@ import numpy as np
 
 from xft_jax.atomic import write_text as atomic_write
 from xft_jax import generation, metrics, scoring, sharding
+from xft_jax.data.targets import PAPER_VARIANTS
 
 # Used only when neither the eval config nor a training run says (configs/common.py).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
-                 "max_len": 1024, "seed": 0}
+                 "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS}
 SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
 DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
-             "num_synthetic")
+             "num_synthetic", "prompt_room")
 
 
 @dataclasses.dataclass
@@ -108,8 +109,12 @@ def eval_batches(d, tokenizer, batch_size: int):
     Every row is encoded as prompt + label, whatever target the run trained on: the
     rating is read at ``label_pos``, so tokens after it cannot change it, and a longer
     training target would otherwise leave less room for the prompt (and drop other
-    examples), so runs of different variants would be scored on different inputs."""
+    examples), so runs of different variants would be scored on different inputs. The
+    prompt is cut as in training (``data.prompt_room``, the run's own by default), so an
+    example is scored on the prompt the run would have trained on."""
     from xft_jax.data import pipeline
+    from xft_jax.data.targets import ExplanationVocab
+    from xft_jax.training.data import prompt_room
 
     splits = pipeline.build_datasets(d.source, d.path or None, num_train=d.num_train,
                                      num_test=d.num_test, seed=int(d.seed),
@@ -119,9 +124,13 @@ def eval_batches(d, tokenizer, batch_size: int):
     examples = list(getattr(splits, d.split))[:d.max_examples]
     if not examples:
         raise ValueError(f"{splits.origin}: the {d.split} split is empty")
+    room = prompt_room(d)
+    vocab = (ExplanationVocab.from_examples(splits.train, d.axis)
+             if "random_vocab" in room else None)
     batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
-                                    seed=int(d.seed), train=False, process_index=0,
+                                    seed=int(d.seed), prompt_room=room, vocab=vocab,
+                                    train=False, process_index=0,
                                     process_count=1, sort_by_length=True,
                                     buckets=pipeline.length_buckets(int(d.max_len)))
     if batches.stats.kept == 0:

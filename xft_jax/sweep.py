@@ -36,7 +36,8 @@ def main(argv):
 
     def commands_of(cell):
         return grid.cell_commands(cell, sweep_dir, c.train_config, c.data_path,
-                                  list(c.overrides), c.probe)
+                                  list(c.overrides), c.probe,
+                                  prompt_room=tuple(c.variants))
 
     if _DRY_RUN.value:
         for cell in cell_list:

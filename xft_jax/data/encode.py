@@ -7,6 +7,13 @@ digit. The prompt is built from three separately tokenised pieces (instructions 
 rubric, the context turns, the response + question) so the context can be cut from the
 left, token-exactly, when the whole does not fit ``max_len``; the response and the target
 are never cut. Tokenizers with a chat template get the prompt as one user message.
+
+How much of the context is cut depends on the room left for the target. With
+``prompt_room`` (the study's variants, by default), each example's prompt leaves room
+for its longest target among those variants, so every run of them trains (and is scored)
+on the same prompts and keeps the same examples: the variants then differ only in their
+target, which is what the study compares. Without it, a longer target cuts its own prompts
+more, so explanation runs would see less context than label-only runs.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 
 from xft_jax.data import rubrics
 from xft_jax.data.schema import RatedExample, check_axis
-from xft_jax.data.targets import LABEL_PREFIX, ExplanationVocab, make_target
+from xft_jax.data.targets import (LABEL_PREFIX, TARGET_VARIANTS, ExplanationVocab,
+                                  make_target)
 
 SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "label_mask")
 
@@ -73,19 +81,32 @@ class EncodeStats:
     mean_tokens: float = 0.0
     max_tokens: int = 0
     mean_target_tokens: float = 0.0
+    prompt_room: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 class Encoder:
-    """Encodes ``RatedExample``s for one axis and target variant at a fixed ``max_len``."""
+    """Encodes ``RatedExample``s for one axis and target variant at a fixed ``max_len``.
+
+    prompt_room: target variants each prompt leaves room for besides ``variant`` (see the
+    module doc); ``random_vocab`` among them needs ``vocab``.
+    """
 
     def __init__(self, tokenizer, *, axis: str, variant: str, max_len: int, seed: int = 0,
-                 vocab: ExplanationVocab | None = None):
+                 vocab: ExplanationVocab | None = None, prompt_room: Sequence[str] = ()):
         self.tok = tokenizer
         self.axis, self.variant = check_axis(axis), variant
         self.max_len, self.seed, self.vocab = int(max_len), seed, vocab
+        unknown = [v for v in prompt_room if v not in TARGET_VARIANTS]
+        if unknown:
+            raise ValueError(f"prompt_room: unknown target variants {unknown}; variants are "
+                             f"{TARGET_VARIANTS}")
+        if "random_vocab" in prompt_room and vocab is None:
+            raise ValueError("prompt_room includes random_vocab, which needs "
+                             "vocab=ExplanationVocab.from_examples(train, axis)")
+        self.prompt_room = tuple(dict.fromkeys(v for v in prompt_room if v != variant))
         self.label_ids = label_token_ids(tokenizer)
         self.prefix_ids = tokenizer(LABEL_PREFIX + "1", add_special_tokens=False)["input_ids"][:-1]
         if tokenizer.eos_token_id is None:
@@ -127,6 +148,8 @@ class Encoder:
         tgt_texts = [make_target(ex, self.axis, self.variant, seed=self.seed, vocab=self.vocab)
                      for ex in examples]
         tgt_ids = self._ids(tgt_texts)
+        room = self._room(examples, [len(t) for t in tgt_ids])
+        stats.prompt_room = [self.variant, *self.prompt_room]
         out, lengths, tlens = [], [], []
         for i, ex in enumerate(examples):
             label = ex.label(self.axis)
@@ -136,7 +159,7 @@ class Encoder:
                 raise ValueError(
                     f"example {ex.id!r}: target {tgt_texts[i][:40]!r} does not start with the "
                     f"label tokens {want}; got {target[:len(want)]}")
-            budget = self.max_len + 1 - len(target)  # prompt length that still fits
+            budget = self.max_len - room[i]  # prompt length that leaves room (+ eos)
             if self.chat:
                 prompt, cut = self._chat_prompt(parts[i][0], ctx_ids[i], parts[i][2], budget)
             else:
@@ -160,6 +183,16 @@ class Encoder:
             stats.max_tokens = int(np.max(lengths))
             stats.mean_target_tokens = float(np.mean(tlens))
         return out, stats
+
+    def _room(self, examples: Sequence[RatedExample], own: list[int]) -> list[int]:
+        """Per example, the longest target (in tokens, without eos) among the run's own
+        and the ``prompt_room`` variants."""
+        room = list(own)
+        for variant in self.prompt_room:
+            ids = self._ids([make_target(ex, self.axis, variant, seed=self.seed,
+                                         vocab=self.vocab) for ex in examples])
+            room = [max(r, len(t)) for r, t in zip(room, ids)]
+        return room
 
     def _arrays(self, prompt: list[int], target: list[int], label: int, index: int) -> dict:
         seq = np.asarray(prompt + target, dtype=np.int32)

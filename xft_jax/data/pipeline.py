@@ -148,6 +148,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
                  buckets: Sequence[int] | None = None, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  vocab: ExplanationVocab | None = None, target_seed: int | None = None,
+                 prompt_room: Sequence[str] = (),
                  read_options: grain.ReadOptions | None = None,
                  sort_by_length: bool = False) -> Batches:
     """Builds the batch iterator for one axis and target variant (see module doc).
@@ -160,6 +161,8 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     host instead, as ``training.data`` and ``eval_lib`` do). vocab: needed for
     ``random_vocab``; build it from
     the training split. target_seed: seeds the pseudo-explanations (default ``seed``).
+    prompt_room: target variants each prompt leaves room for (``encode.Encoder``), so
+    runs of these variants see the same prompts and keep the same examples.
     read_options: grain prefetching (default: 2 threads, 8 batches ahead; batching
     in-memory arrays is cheap, and grain's default of 500 batches wastes host memory).
     sort_by_length (eval only): batch examples of similar length together, so that with
@@ -178,7 +181,8 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     if variant == "random_vocab" and vocab is None:
         raise ValueError("random_vocab needs vocab=ExplanationVocab.from_examples(train, axis)")
     encoder = Encoder(tokenizer, axis=axis, variant=variant, max_len=max_len,
-                      seed=seed if target_seed is None else target_seed, vocab=vocab)
+                      seed=seed if target_seed is None else target_seed, vocab=vocab,
+                      prompt_room=prompt_room)
     encoded, stats = encoder.encode_all(examples)
     kept_ids = [examples[int(r["index"])].id for r in encoded]
     for j, r in enumerate(encoded):  # example_index points into kept_ids

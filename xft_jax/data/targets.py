@@ -25,6 +25,8 @@ import numpy as np
 from xft_jax.data.schema import AXES, RatedExample, check_axis
 
 TARGET_VARIANTS = ("label_only", "explanation", "shuffled", "bag_of_words", "random_vocab")
+# The variants the paper compares; by default every prompt leaves room for their targets.
+PAPER_VARIANTS = ("label_only", "explanation", "shuffled", "bag_of_words")
 LABEL_PREFIX = "Rating: "
 EXPLANATION_PREFIX = "\nExplanation: "
 

@@ -19,11 +19,11 @@ import time
 from typing import Iterable, Sequence
 
 from xft_jax import atomic
+from xft_jax.data.targets import PAPER_VARIANTS  # noqa: F401 (part of this module's API)
 
 SOURCES = ("chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected", "amazon_qa", "coqa",
            "cornell_movie")
 AXES = ("naturalness", "comprehensiveness", "on_topic")
-PAPER_VARIANTS = ("label_only", "explanation", "shuffled", "bag_of_words")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,13 @@ def cells(sources: Sequence[str], axes: Sequence[str], variants: Sequence[str],
 def cell_commands(cell: Cell, sweep_dir: str, train_config: str, data_path_template: str,
                   overrides: Sequence[str] = (), probe: bool = True,
                   python: str = sys.executable,
-                  eval_config: str = "configs/eval.py") -> list[list[str]]:
-    """train -> evaluate (-> probe) commands of one cell, as argv lists."""
+                  eval_config: str = "configs/eval.py",
+                  prompt_room: Sequence[str] | None = None) -> list[list[str]]:
+    """train -> evaluate (-> probe) commands of one cell, as argv lists.
+
+    prompt_room: the sweep's variants, so every cell's prompts leave room for each of
+    their targets and the cells of one setting differ only in the target (an override of
+    ``data.prompt_room`` in ``overrides`` replaces it)."""
     root = os.path.join(sweep_dir, cell.rel)
     data_path = data_path_template.format(source=cell.source) if data_path_template else ""
     cfg = [f"--config={train_config}",
@@ -59,7 +64,12 @@ def cell_commands(cell: Cell, sweep_dir: str, train_config: str, data_path_templ
            f"--config.data.path={data_path}",
            f"--config.data.axis={cell.axis}",
            f"--config.data.target={cell.variant}",
-           f"--config.train.seed={cell.seed}", *overrides]
+           f"--config.train.seed={cell.seed}"]
+    # Only when no override sets it: repeated tuple flags concatenate instead of replacing.
+    if prompt_room is not None and not any(
+            o.startswith("--config.data.prompt_room=") for o in overrides):
+        cfg.append(f"--config.data.prompt_room={tuple(prompt_room)!r}")
+    cfg += list(overrides)
     cmds = [[python, "-m", "xft_jax.train", f"--workdir={root}/train", *cfg],
             [python, "-m", "xft_jax.evaluate", f"--config={eval_config}", f"--out={root}/eval",
              f"--config.model.workdir={root}/train", "--config.data.split=test"]]

@@ -35,11 +35,12 @@ def build(config, tokenizer) -> RunData:
         d.source, d.get("path", None) or None, num_train=d.get("num_train", None),
         num_test=d.get("num_test", None), seed=int(d.get("seed", 0)),
         num_synthetic=d.get("num_synthetic", None))
+    room = prompt_room(d)
     vocab = (ExplanationVocab.from_examples(splits.train, d.axis)
-             if d.target == "random_vocab" else None)
+             if "random_vocab" in (d.target, *room) else None)
     common = dict(axis=d.axis, variant=d.target, max_len=int(d.max_len),
                   batch_size=int(d.batch_size), process_index=0, process_count=1,
-                  vocab=vocab, target_seed=int(d.get("seed", 0)))
+                  vocab=vocab, target_seed=int(d.get("seed", 0)), prompt_room=room)
     pack = bool(d.get("pack", False))
     # Unpacked rows pad to the batch's power-of-two width, not max_len: every process
     # builds the same global batch, so all agree on the width (a few compiled shapes).
@@ -55,6 +56,19 @@ def build(config, tokenizer) -> RunData:
     info = {"origin": splits.origin, "num_train": len(splits.train),
             "num_test": len(splits.test), "train_encode": train.stats.to_dict()}
     return RunData(train, ev, list(train.label_token_ids), info)
+
+
+def prompt_room(d) -> tuple[str, ...]:
+    """``data.prompt_room`` as a tuple of target variants; a config without the key (one
+    written before it existed) gets the default, the paper's variants."""
+    from xft_jax.data.targets import PAPER_VARIANTS, TARGET_VARIANTS
+
+    room = d.get("prompt_room", None)
+    room = PAPER_VARIANTS if room is None else room
+    if isinstance(room, str) or not all(v in TARGET_VARIANTS for v in room):
+        raise ValueError(f"config.data.prompt_room={room!r}: expected a tuple of target "
+                         f"variants from {TARGET_VARIANTS}")
+    return tuple(room)
 
 
 def target_positions(loss_mask: np.ndarray, min_width: int = 16) -> np.ndarray:

@@ -217,7 +217,8 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     enc = run_data.train.stats
     logger.write(f"data: {run_data.info['origin']}, {enc.kept} of {enc.total} training "
                  f"examples encoded ({enc.truncated} with their context cut, {enc.dropped} "
-                 f"dropped as longer than data.max_len={config.data.max_len})")
+                 f"dropped as longer than data.max_len={config.data.max_len}; prompts leave "
+                 f"room for the targets of {', '.join(enc.prompt_room)})")
     if enc.dropped > 0.1 * enc.total:
         logger.write(f"WARNING: {enc.dropped} of {enc.total} training examples do not fit "
                      f"data.max_len={config.data.max_len}; raise it")
