@@ -113,8 +113,7 @@ def eval_batches(d, tokenizer, batch_size: int):
     prompt is cut as in training (``data.prompt_room``, the run's own by default), so an
     example is scored on the prompt the run would have trained on."""
     from xft_jax.data import pipeline
-    from xft_jax.data.targets import ExplanationVocab
-    from xft_jax.training.data import prompt_room
+    from xft_jax.training.data import explanation_vocab, prompt_room
 
     splits = pipeline.build_datasets(d.source, d.path or None, num_train=d.num_train,
                                      num_test=d.num_test, seed=int(d.seed),
@@ -125,8 +124,7 @@ def eval_batches(d, tokenizer, batch_size: int):
     if not examples:
         raise ValueError(f"{splits.origin}: the {d.split} split is empty")
     room = prompt_room(d)
-    vocab = (ExplanationVocab.from_examples(splits.train, d.axis)
-             if "random_vocab" in room else None)
+    vocab = explanation_vocab(splits, d.axis, room)
     batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), prompt_room=room, vocab=vocab,

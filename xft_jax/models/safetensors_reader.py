@@ -97,16 +97,21 @@ class SafetensorsFile:
         out = self._buffer(name, out, (stop - start, *shape[1:]) if shape else (), dtype)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            view = memoryview(out.reshape(-1).view(np.uint8))
-            got = 0
-            while got < nbytes:
-                chunk = os.preadv(fd, [view[got:]], offset + got)
-                if chunk <= 0:
-                    raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
-                got += chunk
+            self._pread_exact(fd, memoryview(out.reshape(-1).view(np.uint8))[:nbytes],
+                              offset, name)
         finally:
             os.close(fd)
         return out
+
+    def _pread_exact(self, fd: int, view: memoryview, offset: int, name: str) -> None:
+        """Fills ``view`` from ``offset`` (preads may return short); a file that ends
+        first is reported as truncated."""
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
+            got += n
 
     def _buffer(self, name: str, out: np.ndarray | None, shape, dtype) -> np.ndarray:
         """``out`` checked to hold exactly ``shape`` x ``dtype`` contiguously, or a new one."""
@@ -169,12 +174,8 @@ class SafetensorsFile:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for i, r in enumerate(range(r0, r1)):
-                got, dst = 0, view[i * width:(i + 1) * width]
-                while got < width:
-                    n = os.preadv(fd, [dst[got:]], base + r * row_bytes + got)
-                    if n <= 0:
-                        raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
-                    got += n
+                self._pread_exact(fd, view[i * width:(i + 1) * width],
+                                  base + r * row_bytes, name)
         finally:
             os.close(fd)
         return out

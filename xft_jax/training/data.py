@@ -28,7 +28,6 @@ class RunData:
 
 def build(config, tokenizer) -> RunData:
     from xft_jax.data import pipeline
-    from xft_jax.data.targets import ExplanationVocab
 
     d = config.data
     splits = pipeline.build_datasets(
@@ -36,8 +35,7 @@ def build(config, tokenizer) -> RunData:
         num_test=d.get("num_test", None), seed=int(d.get("seed", 0)),
         num_synthetic=d.get("num_synthetic", None))
     room = prompt_room(d)
-    vocab = (ExplanationVocab.from_examples(splits.train, d.axis)
-             if "random_vocab" in (d.target, *room) else None)
+    vocab = explanation_vocab(splits, d.axis, (d.target, *room))
     common = dict(axis=d.axis, variant=d.target, max_len=int(d.max_len),
                   batch_size=int(d.batch_size), process_index=0, process_count=1,
                   vocab=vocab, target_seed=int(d.get("seed", 0)), prompt_room=room)
@@ -69,6 +67,16 @@ def prompt_room(d) -> tuple[str, ...]:
         raise ValueError(f"config.data.prompt_room={room!r}: expected a tuple of target "
                          f"variants from {TARGET_VARIANTS}")
     return tuple(room)
+
+
+def explanation_vocab(splits, axis: str, variants):
+    """The training split's explanation vocabulary when ``random_vocab`` is among
+    ``variants`` (its targets are drawn from it), else None. Built from the training split
+    only, so test explanations never leak into training targets."""
+    from xft_jax.data.targets import ExplanationVocab
+
+    return (ExplanationVocab.from_examples(splits.train, axis)
+            if "random_vocab" in variants else None)
 
 
 def target_positions(loss_mask: np.ndarray, min_width: int = 16) -> np.ndarray:
