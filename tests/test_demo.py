@@ -1,5 +1,6 @@
 """The demo end to end at smoke size: every report file appears; a second run reuses the
-cached base model and skips the finished runs."""
+cached base model and skips the finished runs; a run under changed settings stops before
+it rebuilds or overwrites anything."""
 
 import csv
 import os
@@ -9,11 +10,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _demo(out):
+def _demo(out, *extra):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, "-m", "xft_jax.demo", "--config=configs/demo.py:smoke",
-         f"--config.out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+         f"--config.out={out}", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=600)
 
 
@@ -41,3 +42,14 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing cached base model" in second.stderr
     assert second.stderr.count("already done, skipped") == 2
+    kept = {f: open(os.path.join(out, f), "rb").read()
+            for f in ("base_model/pretrain.json", "base_model/model.safetensors",
+                      "runs/synthetic/naturalness/explanation/seed0/eval/metrics.json")}
+    changed = _demo(out, "--config.train.optim.lr=0.05", "--config.pretrain.steps=7")
+    assert changed.returncode != 0
+    err = changed.stderr
+    assert "RunMismatchError" in err and "finished under other settings" in err
+    assert "train.optim.lr: " in err and "-> 0.05" in err and "base_model.steps: " in err
+    assert "naturalness/label_only/seed0/cell.json" in err
+    for f, data in kept.items():                       # nothing rebuilt or overwritten
+        assert open(os.path.join(out, f), "rb").read() == data, f

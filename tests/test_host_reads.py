@@ -68,6 +68,28 @@ def test_read_block_into_a_buffer_and_prefetch(hf_checkpoint):
         f.read_block(name, rows, None, out=np.empty((3, ncols), full.dtype))
 
 
+def test_a_file_that_shrinks_after_its_header_is_read_is_reported(hf_checkpoint, tmp_path):
+    """The header check passed, then the file was cut (a copy still being written, a
+    full disk): every read path names the file and the tensor instead of returning
+    short or stale bytes."""
+    src = f"{hf_checkpoint('llama')}/model.safetensors"
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(open(src, "rb").read())
+    f = SafetensorsFile(str(path))
+    last = max((n for n in f.tensors if len(f.shape(n)) == 2),
+               key=lambda n: f.tensors[n]["offset"])
+    shape = f.shape(last)
+    whole = f.read_rows(last)
+    with open(path, "r+b") as fh:
+        fh.truncate(f.data_start + f.tensors[last]["offset"] + whole.nbytes // 2)
+    message = rf"{path.name}: truncated while reading '{last}'"
+    with pytest.raises(models.SafetensorsError, match=message):
+        f.read_rows(last)
+    with pytest.raises(models.SafetensorsError, match=message):    # narrow columns
+        f.read_block(last, None, slice(0, shape[1] // 4))
+    np.testing.assert_array_equal(f.read_rows(last, slice(0, 1)), whole[:1])   # intact rows
+
+
 @pytest.mark.parametrize("mesh_shape", [None, (1, 2, 4)])
 def test_every_read_was_asked_for_first_and_values_are_exact(hf_checkpoint, monkeypatch,
                                                               mesh_shape):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,22 +67,40 @@ def test_rerun_skips_finished_and_retries_failed(tmp_path):
     assert r4["done"] == [bad] and len(r4["skipped"]) == 3
 
 
-def test_launcher_mode_writes_one_job_per_pending_cell(tmp_path):
-    """With a launcher, each pending cell becomes a job script handed to launch/ (here in
-    the launcher's dry-run mode, so nothing runs); finished cells are not resubmitted."""
-    sweep = str(tmp_path)
-    done = grid.Cell("coqa", "naturalness", "explanation", 0)
-    root = os.path.join(sweep, done.rel)
-    os.makedirs(os.path.join(root, "eval"))
-    open(os.path.join(root, "eval", "metrics.json"), "w").write("{}")
-    open(os.path.join(root, "eval", "predictions.csv"), "w").write("id,gold,predicted\n")
-    env = dict(os.environ, DRY_RUN="1")
-    out = subprocess.run(
+def _launch(sweep, *extra):
+    """The sweep main with the gpu_node launcher in its dry-run mode (nothing runs)."""
+    return subprocess.run(
         [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
          f"--sweep_dir={sweep}", "--config.launcher=gpu_node", "--config.probe=False",
          "--config.sources=('coqa',)", "--config.axes=('naturalness',)",
-         "--config.variants=('label_only','explanation')", "--config.seeds=(0,)"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+         "--config.variants=('label_only','explanation')", "--config.seeds=(0,)", *extra],
+        cwd=ROOT, env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True,
+        timeout=120)
+
+
+def _finish(sweep, cell):
+    root = os.path.join(sweep, cell.rel)
+    os.makedirs(os.path.join(root, "eval"), exist_ok=True)
+    open(os.path.join(root, "eval", "metrics.json"), "w").write("{}")
+    open(os.path.join(root, "eval", "predictions.csv"), "w").write("id,gold,predicted\n")
+
+
+def test_launcher_mode_writes_one_job_per_pending_cell(tmp_path):
+    """With a launcher, each pending cell becomes a job script handed to launch/; a cell
+    finished under the same settings is not resubmitted."""
+    sweep = str(tmp_path)
+    done = grid.Cell("coqa", "naturalness", "explanation", 0)
+    first = _launch(sweep)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert '"submitted": 2' in first.stdout
+    recorded = json.load(open(os.path.join(sweep, done.rel, grid.DEFINITION_FILE)))
+    assert set(recorded) == {"train", "evaluate"}      # probe=False: no probe command
+    assert recorded["train"]["data"]["target"] == "explanation"
+    assert recorded["train"]["data"]["prompt_room"] == ["label_only", "explanation"]
+    assert recorded["evaluate"]["data"]["split"] == "test"
+    shutil.rmtree(os.path.join(sweep, "jobs"))
+    _finish(sweep, done)
+    out = _launch(sweep)
     assert out.returncode == 0, out.stderr[-2000:]
     jobs = sorted(os.listdir(os.path.join(sweep, "jobs")))
     assert jobs == ["coqa__naturalness__label_only__seed0.sh"]
@@ -91,7 +110,55 @@ def test_launcher_mode_writes_one_job_per_pending_cell(tmp_path):
     launched = [l for l in out.stdout.splitlines() if l.startswith("+ ")]
     assert len(launched) == 1 and jobs[0] in launched[0]
     assert '"submitted": 1' in out.stdout and '"skipped": 1' in out.stdout
-    assert not os.path.exists(os.path.join(sweep, "coqa", "naturalness", "label_only"))
+
+
+def test_a_finished_cell_is_not_reused_under_other_settings(tmp_path):
+    """Changed settings (an override, or a cell finished with no record of its settings)
+    stop the sweep before it writes or submits anything, naming the cell and the keys."""
+    sweep = str(tmp_path)
+    done = grid.Cell("coqa", "naturalness", "explanation", 0)
+    assert _launch(sweep).returncode == 0
+    shutil.rmtree(os.path.join(sweep, "jobs"))
+    _finish(sweep, done)
+    sweep_json = open(os.path.join(sweep, "sweep.json")).read()
+    changed = _launch(sweep, '--config.overrides=("--config.optim.lr=0.001",)',
+                      "--config.seeds=(0,1)")
+    assert changed.returncode != 0
+    err = changed.stderr
+    assert f"{os.path.join(sweep, done.rel, grid.DEFINITION_FILE)}: finished under other " \
+           f"settings" in err
+    assert "train.optim.lr: 0.0002 -> 0.001" in err
+    assert "label_only" not in err.split("RunMismatchError")[-1]   # unfinished: may change
+    assert not os.path.exists(os.path.join(sweep, "jobs"))          # nothing submitted
+    assert open(os.path.join(sweep, "sweep.json")).read() == sweep_json
+    dry = subprocess.run(
+        [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py", "--dry_run",
+         f"--sweep_dir={sweep}", "--config.probe=False", "--config.sources=('coqa',)",
+         "--config.axes=('naturalness',)", "--config.variants=('explanation',)",
+         "--config.seeds=(0,)", '--config.overrides=("--config.optim.lr=0.001",)'],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert f"# {done.rel} [done under other settings: " in dry and "train.optim.lr" in dry
+    os.remove(os.path.join(sweep, done.rel, grid.DEFINITION_FILE))   # results, no record
+    unrecorded = _launch(sweep)
+    assert unrecorded.returncode != 0 and f"has no {grid.DEFINITION_FILE}" in unrecorded.stderr
+    # The same settings as recorded, mesh and paths aside, reuse the cell.
+    grid.record_definition(sweep, done, json.loads(json.dumps(recorded_for(sweep, done))))
+    again = _launch(sweep, "--config.overrides=('--config.mesh.fsdp=8',)")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert '"skipped": 1' in again.stdout
+
+
+def recorded_for(sweep, cell):
+    """The definition the sweep main records for ``cell`` under configs/paper.py's
+    defaults, built by the library the main uses."""
+    cmds = grid.cell_commands(cell, sweep, "configs/mistral_7b.py", "data/rated/{source}",
+                              probe=False, prompt_room=("label_only", "explanation"))
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return grid.commands_definition(cmds)
+    finally:
+        os.chdir(cwd)
 
 
 def test_cells_leave_prompt_room_for_every_variant_of_the_sweep():

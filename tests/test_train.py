@@ -10,6 +10,7 @@ agree on their common prefix); the jitted step is compiled once per mesh per pro
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,9 @@ import pytest
 from configs import tiny
 from xft_jax.training import metrics_log
 from xft_jax.training.checkpoint import Checkpoints
+from xft_jax.data import splits as data_splits
 from xft_jax.training.restore import load_trained
+from xft_jax.training.run_identity import RunMismatchError
 from xft_jax.training.trainer import NonFiniteError, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,6 +190,56 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(one_device, compile_cache,
     assert len(metrics_log.read_metrics(wd)) == saved
     train(tiny_config(), wd, devices=jax.devices()[:1])
     _assert_same_as(wd, ref)
+
+
+# ------------------------------------------------------------------------ resume guard
+def test_resume_refuses_a_changed_config_and_keeps_the_runs_record(one_device, tmp_path):
+    ref, _ = one_device
+    wd = str(tmp_path / "copy")
+    shutil.copytree(ref, wd)
+    config_json = os.path.join(wd, "config.json")
+    before = open(config_json).read()
+    with pytest.raises(RunMismatchError) as e:
+        train(tiny_config(**{"optim.lr": 2e-2, "data.target": "label_only"}), wd,
+              devices=jax.devices()[:1])
+    msg = str(e.value)
+    assert "optim.lr: 0.01 -> 0.02" in msg and "data.target: 'explanation' -> 'label_only'" in msg
+    assert os.path.join(wd, "checkpoints", str(STEPS)) in msg
+    assert open(config_json).read() == before          # the run's record is not overwritten
+    # Operational keys may change: the finished run is recognised and nothing retrains.
+    result = train(tiny_config(**{"train.log_every": 3, "mesh.num_devices": 1}), wd,
+                   devices=jax.devices()[:1])
+    assert result.status == "done" and result.step == STEPS
+    assert losses(wd) == losses(ref) and latest_step(wd) == STEPS
+
+
+def test_resume_checks_the_training_data_by_content_not_path(one_device, tmp_path, capsys):
+    """Moved data resumes (and says so); changed data at the same path is refused."""
+    c = tiny_config()
+    d = c.data
+    parts = data_splits.build_datasets(d.source, None, num_train=d.num_train,
+                                       num_test=d.num_test, seed=d.seed,
+                                       num_synthetic=d.num_synthetic)
+    first, moved = tmp_path / "data", tmp_path / "moved"
+    first.mkdir()
+    data_splits.write_rated_jsonl(str(first / "train.jsonl"), parts.train)
+    data_splits.write_rated_jsonl(str(first / "test.jsonl"), parts.test)
+    wd = str(tmp_path / "run")
+    devices = jax.devices()[:1]
+    train(tiny_config(**{"data.path": str(first)}), wd, devices=devices)
+    shutil.copytree(first, moved)
+    capsys.readouterr()
+    result = train(tiny_config(**{"data.path": str(moved)}), wd, devices=devices)
+    assert result.status == "done" and result.step == STEPS
+    log = capsys.readouterr().out
+    assert f"resumed with a moved input: data.path: {str(first)!r} -> {str(moved)!r}" in log
+
+    rows = [json.loads(line) for line in open(moved / "train.jsonl")]
+    rows[0]["ratings"][d.axis]["explanation"] += " Also terse."
+    with open(moved / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with pytest.raises(RunMismatchError, match="the training data differs"):
+        train(tiny_config(**{"data.path": str(moved)}), wd, devices=devices)
 
 
 # ------------------------------------------------------------------------ sharding

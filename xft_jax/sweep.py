@@ -3,12 +3,16 @@
     python -m xft_jax.sweep --config=configs/paper.py --sweep_dir=runs/paper [--dry_run]
 
 Finished cells are skipped on re-runs, failed ones retried (up to config.max_attempts)
-and listed. With a launcher other than 'local', one job script per pending cell is
-written under <sweep_dir>/jobs and submitted through launch/.
+and listed. A finished cell is skipped only under the settings it ran with (its
+``cell.json``): when the configs its commands resolve to differ, the sweep stops before
+running anything and names the cells and keys. With a launcher other than 'local', one
+job script per pending cell is written under <sweep_dir>/jobs and submitted through
+launch/.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -39,15 +43,24 @@ def main(argv):
                                   list(c.overrides), c.probe,
                                   prompt_room=tuple(c.variants))
 
+    @functools.cache
+    def definition_of(cell):
+        return grid.commands_definition(commands_of(cell))
+
     if _DRY_RUN.value:
         for cell in cell_list:
             state = "done" if grid.is_done(sweep_dir, cell, c.probe) else "pending"
+            conflict = (state == "done" and
+                        grid.definition_conflict(sweep_dir, cell, definition_of(cell), c.probe))
+            if conflict:
+                state = "done under other settings: " + conflict.replace("\n", " ")
             print(f"# {cell.rel} [{state}]")
             for cmd in commands_of(cell):
                 print(shlex.join(cmd))
         print(f"{len(cell_list)} cells = {len(c.sources)} sources x {len(c.axes)} axes x "
               f"{len(c.variants)} variants x {len(c.seeds)} seeds")
         return
+    grid.check_definitions(sweep_dir, cell_list, definition_of, c.probe)  # before any write
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w", encoding="utf-8") as f:
         json.dump({"sources": list(c.sources), "axes": list(c.axes),
@@ -55,9 +68,10 @@ def main(argv):
                    "probe": bool(c.probe), "train_config": c.train_config}, f, indent=2)
     if c.launcher == "local":
         result = grid.run_local(cell_list, sweep_dir, commands_of, c.probe, c.max_attempts,
-                                log=logging.info)
+                                log=logging.info, definition_of=definition_of)
     elif c.launcher in LAUNCHERS:
-        result = submit_jobs(cell_list, sweep_dir, commands_of, c.probe, LAUNCHERS[c.launcher])
+        result = submit_jobs(cell_list, sweep_dir, commands_of, c.probe, LAUNCHERS[c.launcher],
+                             definition_of)
     else:
         raise ValueError(f"config.launcher={c.launcher!r}; expected local or one of "
                          f"{sorted(LAUNCHERS)}")
@@ -69,7 +83,7 @@ def main(argv):
         sys.exit(1)
 
 
-def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher):
+def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_of):
     jobs = os.path.join(sweep_dir, "jobs")
     os.makedirs(jobs, exist_ok=True)
     result = {"submitted": [], "skipped": []}
@@ -81,6 +95,7 @@ def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher):
         with open(script, "w", encoding="utf-8") as f:
             f.write(grid.job_script(cell, commands_of(cell)))
         os.chmod(script, 0o755)
+        grid.record_definition(sweep_dir, cell, definition_of(cell))
         cmd = (["sbatch", launcher, "--", "bash", script] if launcher.endswith(".sbatch")
                else ["bash", launcher, "--", "bash", script])
         logging.info("submitting %s", shlex.join(cmd))

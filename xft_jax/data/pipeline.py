@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from typing import Any, Sequence
 
@@ -42,7 +43,8 @@ from xft_jax.data.schema import RatedExample
 from xft_jax.data.splits import build_datasets  # noqa: F401  (re-exported for trainers)
 from xft_jax.data.targets import ExplanationVocab
 
-__all__ = ["Batches", "make_batches", "label_token_ids", "build_datasets", "to_examples"]
+__all__ = ["Batches", "make_batches", "encoded_digest", "label_token_ids", "build_datasets",
+           "to_examples"]
 
 
 @dataclasses.dataclass
@@ -55,10 +57,24 @@ class Batches:
     example_ids: list[str]  # ids of encoded examples; ``example_index`` points here
     num_batches: int | None  # per host; None when training repeats forever
     train: bool
+    digest: str  # sha256 of every encoded example in order (``encoded_digest``)
 
     def __iter__(self):
         """A fresh grain ``DatasetIterator`` (has ``get_state()`` / ``set_state()``)."""
         return iter(self.dataset)
+
+
+def encoded_digest(encoded: Sequence[dict]) -> str:
+    """sha256 over every field (name, dtype, shape, bytes) of every encoded example in
+    order: equal digests mean the same token sequences and masks, whatever file, tokenizer
+    or encoding produced them (a resumed run checks its data by it)."""
+    h = hashlib.sha256()
+    for r in encoded:
+        for key in sorted(r):
+            a = np.ascontiguousarray(r[key])
+            h.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def to_examples(data) -> list[RatedExample]:
@@ -187,6 +203,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     kept_ids = [examples[int(r["index"])].id for r in encoded]
     for j, r in enumerate(encoded):  # example_index points into kept_ids
         r["index"] = np.int32(j)
+    digest = encoded_digest(encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
@@ -205,7 +222,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
                                     eval_mode=True)
         ds = grain.MapDataset.source(rows).batch(batch_size, batch_fn=collate)
         return Batches(ds.to_iter_dataset(read_options), stats, encoder.label_ids, kept_ids,
-                       num_batches, False)
+                       num_batches, False, digest)
     if len(ds) == 0:
         raise ValueError(f"host {pi}/{pc} has no training examples "
                          f"({stats.kept} encoded of {stats.total})")
@@ -224,5 +241,5 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
         it = ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
         it = it.to_iter_dataset(read_options)
     num_batches = None if num_epochs is None or pack else len(ds) // batch_size
-    return Batches(it, stats, encoder.label_ids, kept_ids, num_batches, True)
+    return Batches(it, stats, encoder.label_ids, kept_ids, num_batches, True, digest)
 

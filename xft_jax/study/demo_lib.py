@@ -29,12 +29,9 @@ def eval_config(workdir: str, c):
     return ec
 
 
-def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> None:
-    from xft_jax import eval_lib, probe_report
-    from xft_jax.training import trainer
-
-    root = os.path.join(sweep_dir, cell.rel)
-    workdir = os.path.join(root, "train")
+def cell_configs(c, cell: grid.Cell, base_dir: str, sweep_dir: str):
+    """(train, evaluate, probe or None) configs of one demo cell."""
+    workdir = os.path.join(sweep_dir, cell.rel, "train")
     tc = copy.deepcopy(c.train)
     with tc.unlocked():
         tc.model.path = base_dir
@@ -44,13 +41,34 @@ def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> No
         tc.data.target = cell.variant
         tc.data.num_synthetic = int(c.num_items)
         tc.train.seed = cell.seed
-    trainer.train(tc, workdir)
     ec = eval_config(workdir, c)
-    eval_lib.run_evaluation(ec, os.path.join(root, "eval"))
+    pc = None
     if c.probe:
         pc = copy.deepcopy(ec)
         pc.data.max_examples = int(c.eval.probe_examples)
-        probe_report.run_probes(pc, os.path.join(root, "probe"), [workdir])
+    return tc, ec, pc
+
+
+def cell_definition(c, cell: grid.Cell, base_dir: str, sweep_dir: str, base_model: dict) -> dict:
+    """What a finished cell must have run under to be reused (``grid.DEFINITION_FILE``):
+    its configs and the recipe of the base model it fine-tuned."""
+    configs = cell_configs(c, cell, base_dir, sweep_dir)
+    out = {name: json.loads(cfg.to_json_best_effort())
+           for name, cfg in zip(("train", "evaluate", "probe"), configs) if cfg is not None}
+    out["base_model"] = base_model
+    return out
+
+
+def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> None:
+    from xft_jax import eval_lib, probe_report
+    from xft_jax.training import trainer
+
+    root = os.path.join(sweep_dir, cell.rel)
+    tc, ec, pc = cell_configs(c, cell, base_dir, sweep_dir)
+    trainer.train(tc, ec.model.workdir)
+    eval_lib.run_evaluation(ec, os.path.join(root, "eval"))
+    if pc is not None:
+        probe_report.run_probes(pc, os.path.join(root, "probe"), [ec.model.workdir])
 
 
 def majority_rates(sweep_dir: str, cells) -> dict[str, float]:
@@ -73,22 +91,30 @@ def run_demo(c, log=print) -> dict:
     tok_dir = mistral_v1_tokenizer_dir(os.path.join(out, "tokenizer"))
     tok = load_tokenizer(tok_dir)
     recipe = pretrain.PretrainRecipe(**c.pretrain.to_dict())
+    data_tag = f"synthetic-dialogues:{recipe.num_texts}:{recipe.seed}"
+    base_dir, sweep_dir = os.path.join(out, "base_model"), os.path.join(out, "runs")
+    cells = grid.cells([SOURCE], c.axes, c.variants, c.seeds)
+    base_model = recipe.identity(len(tok), data_tag)
+
+    def definition_of(cell):
+        return cell_definition(c, cell, base_dir, sweep_dir, base_model)
+
+    # Before the base model is rebuilt for a changed recipe: runs that fine-tuned the old
+    # one must not be lost or reported under the new settings.
+    grid.check_definitions(sweep_dir, cells, definition_of, c.probe)
     texts = synthetic.pretraining_texts(recipe.num_texts, seed=recipe.seed)
-    base_dir = pretrain.pretrain(texts, tok, recipe, os.path.join(out, "base_model"),
-                                 data_tag=f"synthetic-dialogues:{recipe.num_texts}:{recipe.seed}",
-                                 log=log)
+    pretrain.pretrain(texts, tok, recipe, base_dir, data_tag=data_tag, log=log)
     t_pre = time.time() - t0
-    sweep_dir = os.path.join(out, "runs")
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w", encoding="utf-8") as f:
         json.dump({"sources": [SOURCE], "axes": list(c.axes), "variants": list(c.variants),
                    "seeds": list(c.seeds), "probe": bool(c.probe)}, f, indent=2)
-    cells = grid.cells([SOURCE], c.axes, c.variants, c.seeds)
     for cell in tqdm(cells, desc="demo runs", unit="run"):
         if grid.is_done(sweep_dir, cell, c.probe):
             log(f"[demo] {cell.rel}: already done, skipped")
             continue
         log(f"[demo] {cell.rel}: LoRA fine-tuning, evaluation" + (", probe" if c.probe else ""))
+        grid.record_definition(sweep_dir, cell, definition_of(cell))
         run_cell(c, cell, base_dir, sweep_dir, log)
     report_dir = os.path.join(out, "report")
     text = report_io.write_report(
@@ -110,4 +136,4 @@ def run_demo(c, log=print) -> dict:
             "seconds": time.time() - t0}
 
 
-__all__ = ["run_demo", "run_cell", "majority_rates"]
+__all__ = ["run_demo", "run_cell", "cell_configs", "cell_definition", "majority_rates"]

@@ -1,9 +1,11 @@
 """The study's grid: sources x axes x target variants x seeds, one cell per run.
 
 A cell is a directory ``<sweep_dir>/<source>/<axis>/<variant>/seed<k>`` holding ``train/``
-(the training workdir), ``eval/`` (metrics.json, predictions.csv), ``probe/`` and
-``status.json``. A cell whose ``status.json`` says ``done`` is skipped on re-runs; a failed
-one is retried up to a limit and listed.
+(the training workdir), ``eval/`` (metrics.json, predictions.csv), ``probe/``,
+``status.json`` and ``cell.json`` (the resolved configs it runs under). A finished cell is
+skipped on re-runs, but only under the configs it ran with: a re-run that asks for other
+settings stops with the keys that differ instead of reporting old results under new
+settings. A failed cell is retried up to a limit and listed.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Iterable, Sequence
 
 from xft_jax import atomic
 from xft_jax.data.targets import PAPER_VARIANTS  # noqa: F401 (part of this module's API)
+from xft_jax.training import run_identity
 
 SOURCES = ("chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected", "amazon_qa", "coqa",
            "cornell_movie")
 AXES = ("naturalness", "comprehensiveness", "on_topic")
+DEFINITION_FILE = "cell.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,65 @@ def cell_commands(cell: Cell, sweep_dir: str, train_config: str, data_path_templ
     return cmds
 
 
+def resolved_config(config_args: Sequence[str]) -> dict:
+    """The config that ``--config=...`` / ``--config.key=...`` arguments give a main,
+    parsed by ml_collections' own flag parser, as JSON-like data."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["xft_jax", *config_args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return json.loads(fv["config"].value.to_json_best_effort())
+
+
+def commands_definition(cmds: Sequence[Sequence[str]]) -> dict:
+    """{"train": config, "evaluate": config, "probe": config} that a cell's commands
+    (``cell_commands``) run under."""
+    out = {}
+    for cmd in cmds:
+        module = cmd[list(cmd).index("-m") + 1].rsplit(".", 1)[-1]
+        out[module] = resolved_config([a for a in cmd if a.startswith("--config")])
+    return out
+
+
+def definition_conflict(sweep_dir: str, cell: Cell, definition: dict,
+                        probe: bool) -> str | None:
+    """Why the finished ``cell`` cannot stand for ``definition`` (it ran under other
+    settings, or recorded none); None when it can, or when it is not finished."""
+    if not is_done(sweep_dir, cell, probe):
+        return None
+    path = os.path.join(sweep_dir, cell.rel, DEFINITION_FILE)
+    if not os.path.exists(path):
+        return (f"{os.path.join(sweep_dir, cell.rel)}: finished, but has no {DEFINITION_FILE} "
+                f"recording the settings it ran under")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    diffs = run_identity.cell_differences(saved, definition)
+    return run_identity.mismatch_message(
+        f"{path}: finished under other settings (recorded -> requested)", diffs,
+        remedy="") if diffs else None
+
+
+def check_definitions(sweep_dir: str, cell_list: Iterable[Cell], definition_of,
+                      probe: bool) -> None:
+    """Raises RunMismatchError, before anything runs or is written, when a finished cell
+    would be skipped although it ran under other settings than ``definition_of(cell)``."""
+    conflicts = [m for cell in cell_list if is_done(sweep_dir, cell, probe)
+                 and (m := definition_conflict(sweep_dir, cell, definition_of(cell), probe))]
+    if conflicts:
+        more = [f"... and {len(conflicts) - 5} more cells"] if len(conflicts) > 5 else []
+        raise run_identity.RunMismatchError(
+            "\n".join(conflicts[:5] + more) + "\nSkipping these cells would report their "
+            "results under settings they never ran. Run the changed study in a new "
+            "directory, or move these cells away to run them again.")
+
+
+def record_definition(sweep_dir: str, cell: Cell, definition: dict) -> None:
+    atomic.write_json(os.path.join(sweep_dir, cell.rel, DEFINITION_FILE), definition)
+
+
 def read_status(sweep_dir: str, cell: Cell) -> dict:
     path = os.path.join(sweep_dir, cell.rel, "status.json")
     if not os.path.exists(path):
@@ -101,8 +164,14 @@ def is_done(sweep_dir: str, cell: Cell, probe: bool) -> bool:
 
 
 def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: bool,
-              max_attempts: int = 2, log=print) -> dict[str, list[Cell]]:
-    """Runs pending and failed cells one after another; returns done/failed/skipped lists."""
+              max_attempts: int = 2, log=print,
+              definition_of=None) -> dict[str, list[Cell]]:
+    """Runs pending and failed cells one after another; returns done/failed/skipped lists.
+    With ``definition_of``, finished cells must have run under it (``check_definitions``)
+    and each cell run records it."""
+    cell_list = list(cell_list)
+    if definition_of is not None:
+        check_definitions(sweep_dir, cell_list, definition_of, probe)
     result = {"done": [], "failed": [], "skipped": []}
     for cell in cell_list:
         status = read_status(sweep_dir, cell)
@@ -117,6 +186,8 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
         write_status(sweep_dir, cell, {"state": "running", "attempts": attempts,
                                        "started": time.time()})
         os.makedirs(os.path.join(sweep_dir, cell.rel), exist_ok=True)
+        if definition_of is not None:
+            record_definition(sweep_dir, cell, definition_of(cell))
         log_path = os.path.join(sweep_dir, cell.rel, "log.txt")
         error = None
         with open(log_path, "a", encoding="utf-8") as logf:

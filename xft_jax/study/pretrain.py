@@ -41,9 +41,12 @@ class PretrainRecipe:
     seed: int = 0
     num_texts: int = 2000
 
+    def identity(self, vocab_size: int, data_tag: str) -> dict:
+        """Everything the base model depends on (the recipe, vocabulary and corpus)."""
+        return {**dataclasses.asdict(self), "vocab": vocab_size, "data": data_tag}
+
     def key(self, vocab_size: int, data_tag: str) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "vocab": vocab_size, "data": data_tag},
-                          sort_keys=True)
+        blob = json.dumps(self.identity(vocab_size, data_tag), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -52,7 +52,8 @@ def build(config, tokenizer) -> RunData:
                                    seed=0, train=False,
                                    buckets=pipeline.length_buckets(int(d.max_len)), **common)
     info = {"origin": splits.origin, "num_train": len(splits.train),
-            "num_test": len(splits.test), "train_encode": train.stats.to_dict()}
+            "num_test": len(splits.test), "train_encode": train.stats.to_dict(),
+            "train_digest": train.digest}
     return RunData(train, ev, list(train.label_token_ids), info)
 
 

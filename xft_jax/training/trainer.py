@@ -25,7 +25,7 @@ from xft_jax import lora as lora_lib
 from xft_jax import atomic, sharding
 from xft_jax.models import attention, hf_io
 from xft_jax.models.tokenizer import load_tokenizer
-from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim
+from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim, run_identity
 from xft_jax.training.checkpoint import Checkpoints
 from xft_jax.training.metrics_log import RunLogger
 from xft_jax.training.step import (StepConfig, abstract_like, batch_shardings, jit_step,
@@ -150,6 +150,23 @@ def train(config, workdir: str, *, devices=None) -> TrainResult:
 def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
+                        int(config.train.get("keep_checkpoints", 3)))
+    try:
+        return _train_in(config, workdir, devices, preempt, ckpts)
+    finally:
+        ckpts.close()
+
+
+def _train_in(config, workdir: str, devices, preempt: _Preemption,
+              ckpts: Checkpoints) -> TrainResult:
+    # A resume must continue the run its checkpoint belongs to: checked before this
+    # attempt's config overwrites the run's config.json.
+    latest = ckpts.latest_step()
+    resumed_meta = ckpts.read_meta(latest) if latest is not None else None
+    where = f"{ckpts.directory}/{latest}"
+    moved = [] if resumed_meta is None else run_identity.check_resume_config(
+        resumed_meta.get("config"), json.loads(config.to_json_best_effort()), where)
     save_config(config, workdir)
     t = config.train
     steps = int(t.steps)
@@ -163,6 +180,12 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     lora_key, dropout_key = jax.random.split(run_key)
 
     base_path = base_model.resolve_base_path(config, workdir)
+    # Data first: a data error (or data that differs from a resumed run's) surfaces
+    # before minutes of loading a 7B base.
+    tokenizer = load_tokenizer(base_model.tokenizer_path(config, base_path))
+    run_data = data_lib.build(config, tokenizer)
+    if latest is not None:
+        run_identity.check_resume_data(resumed_meta.get("data"), run_data.info, where)
     model = load_base(config, base_path, mesh)
     lcfg = lora_lib.LoRAConfig.from_config(config.lora)
     lora_lib.attach(model, lcfg, lora_key, mesh)
@@ -185,16 +208,11 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)
     rng = jax.device_put(jax.random.key_data(dropout_key), rep)
 
-    tokenizer = load_tokenizer(base_model.tokenizer_path(config, base_path))
-    run_data = data_lib.build(config, tokenizer)
     meta["data"] = run_data.info
     meta["label_token_ids"] = run_data.label_token_ids
     it = iter(run_data.train)
 
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
-                        int(t.get("keep_checkpoints", 3)))
     start = 0
-    latest = ckpts.latest_step()
     if latest is not None:
         abstract = {"lora": abstract_like(lora, lora_sh),
                     "opt_state": abstract_like(opt_state, opt_sh),
@@ -213,6 +231,8 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     logger = RunLogger(workdir, steps, start)
     if start:
         logger.write(f"resumed from {ckpts.directory}/{start}")
+        for note in moved:
+            logger.write(f"resumed with a moved input: {note}")
     logger.write(sharding.describe(mesh))
     enc = run_data.train.stats
     logger.write(f"data: {run_data.info['origin']}, {enc.kept} of {enc.total} training "
@@ -272,7 +292,6 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
                 break
     finally:
         logger.close()
-        ckpts.close()
     return TrainResult(step=step, status=status, last_metrics=last, workdir=workdir)
 
 
