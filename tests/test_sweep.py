@@ -53,8 +53,15 @@ def test_rerun_skips_finished_and_retries_failed(tmp_path):
     bad = cells[1]
     os.makedirs(os.path.join(sweep, bad.rel))
     open(os.path.join(sweep, bad.rel, "FAIL"), "w").close()
-    r1 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
+    def definition_of(cell):
+        return {"train": {"data": {"target": cell.variant}}}
+
+    r1 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2,
+                        log=lambda *_: None, definition_of=definition_of)
     assert len(r1["done"]) == 3 and r1["failed"] == [bad]
+    for cell in cells:                        # every cell run records what it ran under
+        assert json.load(open(os.path.join(sweep, cell.rel, grid.DEFINITION_FILE))) == \
+            definition_of(cell)
     assert json.load(open(os.path.join(sweep, bad.rel, "status.json")))["state"] == "failed"
     r2 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
     assert len(r2["skipped"]) == 3 and r2["failed"] == [bad]

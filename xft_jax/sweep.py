@@ -51,7 +51,7 @@ def main(argv):
         for cell in cell_list:
             state = "done" if grid.is_done(sweep_dir, cell, c.probe) else "pending"
             conflict = (state == "done" and
-                        grid.definition_conflict(sweep_dir, cell, definition_of(cell), c.probe))
+                        grid.definition_conflict(sweep_dir, cell, definition_of(cell)))
             if conflict:
                 state = "done under other settings: " + conflict.replace("\n", " ")
             print(f"# {cell.rel} [{state}]")

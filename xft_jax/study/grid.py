@@ -106,12 +106,9 @@ def commands_definition(cmds: Sequence[Sequence[str]]) -> dict:
     return out
 
 
-def definition_conflict(sweep_dir: str, cell: Cell, definition: dict,
-                        probe: bool) -> str | None:
+def definition_conflict(sweep_dir: str, cell: Cell, definition: dict) -> str | None:
     """Why the finished ``cell`` cannot stand for ``definition`` (it ran under other
-    settings, or recorded none); None when it can, or when it is not finished."""
-    if not is_done(sweep_dir, cell, probe):
-        return None
+    settings, or recorded none); None when it can."""
     path = os.path.join(sweep_dir, cell.rel, DEFINITION_FILE)
     if not os.path.exists(path):
         return (f"{os.path.join(sweep_dir, cell.rel)}: finished, but has no {DEFINITION_FILE} "
@@ -129,7 +126,7 @@ def check_definitions(sweep_dir: str, cell_list: Iterable[Cell], definition_of,
     """Raises RunMismatchError, before anything runs or is written, when a finished cell
     would be skipped although it ran under other settings than ``definition_of(cell)``."""
     conflicts = [m for cell in cell_list if is_done(sweep_dir, cell, probe)
-                 and (m := definition_conflict(sweep_dir, cell, definition_of(cell), probe))]
+                 and (m := definition_conflict(sweep_dir, cell, definition_of(cell)))]
     if conflicts:
         more = [f"... and {len(conflicts) - 5} more cells"] if len(conflicts) > 5 else []
         raise run_identity.RunMismatchError(
@@ -167,11 +164,8 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
               max_attempts: int = 2, log=print,
               definition_of=None) -> dict[str, list[Cell]]:
     """Runs pending and failed cells one after another; returns done/failed/skipped lists.
-    With ``definition_of``, finished cells must have run under it (``check_definitions``)
-    and each cell run records it."""
-    cell_list = list(cell_list)
-    if definition_of is not None:
-        check_definitions(sweep_dir, cell_list, definition_of, probe)
+    With ``definition_of``, each cell it runs records its definition; check the finished
+    ones against it first (``check_definitions``)."""
     result = {"done": [], "failed": [], "skipped": []}
     for cell in cell_list:
         status = read_status(sweep_dir, cell)
