@@ -170,22 +170,17 @@ def recorded_for(sweep, cell):
 
 def test_cells_leave_prompt_room_for_every_variant_of_the_sweep():
     """Each training command carries the sweep's variants as ``data.prompt_room`` (parsed
-    by the real config flag), and an explicit override still wins."""
-    from absl import flags
-    from ml_collections import config_flags
-
+    by the real config flag, as the sweep resolves a cell's definition), and an explicit
+    override still wins."""
     cell = grid.Cell("coqa", "naturalness", "label_only", 0)
     variants = ("label_only", "explanation", "random_vocab")
 
     def parsed(overrides=()):
-        (train, *_) = grid.cell_commands(cell, "/sweep", os.path.join(ROOT, "configs/tiny.py"),
-                                         "", overrides, probe=False, prompt_room=variants)
-        argv = ["train", *[a for a in train if a.startswith("--config")]]
-        fv = flags.FlagValues()
-        config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
-        fv(argv)
-        return fv.config.data
+        cmds = grid.cell_commands(cell, "/sweep", os.path.join(ROOT, "configs/tiny.py"),
+                                  "", overrides, probe=False, prompt_room=variants,
+                                  eval_config=os.path.join(ROOT, "configs/eval.py"))
+        return grid.commands_definition(cmds)["train"]["data"]
 
     d = parsed()
-    assert d.target == "label_only" and tuple(d.prompt_room) == variants
-    assert tuple(parsed(["--config.data.prompt_room=()"]).prompt_room) == ()
+    assert d["target"] == "label_only" and tuple(d["prompt_room"]) == variants
+    assert tuple(parsed(["--config.data.prompt_room=()"])["prompt_room"]) == ()
