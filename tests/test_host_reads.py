@@ -1,5 +1,7 @@
 """Read-ahead and reused staging buffers of the checkpoint loader."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -11,30 +13,66 @@ from xft_jax.models.safetensors_reader import SafetensorsFile  # noqa: E402
 
 
 class _FakeFile:
-    """Records prefetches; every tensor is 100 bytes of whole rows."""
+    """Records read-ahead; every tensor is 100 bytes of whole rows."""
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, fail_on=None):
+        self.log, self.fail_on = log, fail_on
 
-    def prefetch(self, name, rows, cols):
+    def prefetch_bytes(self, name, rows, cols):
+        return 100
+
+    def prefetch(self, name, rows, cols, scratch):
+        if name == self.fail_on:
+            raise OSError(f"cannot read {name}")
         self.log.append(name)
         return 100
 
 
-def test_read_ahead_asks_in_order_within_the_window():
+def _plan(f, n=10):
+    return [(f, f"t{k}", [(slice(0, 1), None)]) for k in range(n)]
+
+
+def test_read_ahead_reads_in_order_within_the_window():
     log = []
-    f = _FakeFile(log)
-    plan = [(f, f"t{k}", [(slice(0, 1), None)]) for k in range(10)]
-    reads = host_reads.StreamedReads(plan, window_bytes=250)
-    reads.starting("t0")        # itself plus those starting within 250 bytes: t1, t2
-    assert log == ["t0", "t1", "t2"]
-    reads.starting("t1")        # t3 starts at 300 < 100 + 250
-    assert log == ["t0", "t1", "t2", "t3"]
-    reads.starting("t7")        # a jump still asks for everything up to it, in order
-    assert log == [f"t{k}" for k in range(10)]
-    assert reads.asked_bytes() == 1000
-    reads.starting("not planned")       # a read outside the plan asks for nothing
-    assert len(log) == 10
+    with host_reads.StreamedReads(_plan(_FakeFile(log)), window_bytes=250) as reads:
+        assert reads.wait_idle() and log == []     # nothing before the first read
+        reads.starting("t0")    # later reads starting within 250 bytes of t0: t1, t2
+        assert reads.wait_idle()
+        assert log == ["t1", "t2"]
+        reads.starting("t1")    # t3 starts at 300 < 100 + 250
+        assert reads.wait_idle()
+        assert log == ["t1", "t2", "t3"]
+        reads.starting("t7")    # a jump skips what the loader has passed: t8, t9 only
+        assert reads.wait_idle()
+        assert log == ["t1", "t2", "t3", "t8", "t9"]
+        assert reads.asked_bytes() == 500
+        reads.starting("not planned")       # a read outside the plan changes nothing
+        assert reads.wait_idle() and len(log) == 5
+        thread = reads._thread
+    assert not thread.is_alive()
+
+
+def test_a_failed_read_ahead_stops_quietly_and_close_stops_the_thread():
+    """Read-ahead only warms the page cache: its error ends it (the loader's own read
+    of that tensor reports the error), and closing mid-plan joins the thread."""
+    log = []
+    reads = host_reads.StreamedReads(_plan(_FakeFile(log, fail_on="t2")), window_bytes=10**4)
+    reads.starting("t0")
+    assert reads.wait_idle()
+    assert log == ["t1"] and not reads._thread.is_alive()
+    assert str(reads.error) == "cannot read t2"
+    reads.starting("t3")                # nothing restarts it
+    assert reads.wait_idle() and log == ["t1"]
+    reads.close()
+
+    log = []
+    reads = host_reads.StreamedReads(_plan(_FakeFile(log)), window_bytes=150)
+    reads.starting("t0")
+    assert reads.wait_idle() and log == ["t1"] and reads._thread.is_alive()
+    reads.close()
+    assert not reads._thread.is_alive()
+    reads.starting("t5")                # after close: nothing more is read
+    assert log == ["t1"]
 
 
 def test_staging_buffers_are_aligned_and_reused_only_after_recycle():
@@ -63,7 +101,11 @@ def test_read_block_into_a_buffer_and_prefetch(hf_checkpoint):
         assert f.read_block(name, rows, cols, out=out) is out
         np.testing.assert_array_equal(out, want)
         wide = cols is None or 2 * len(range(*cols.indices(ncols))) > ncols
-        assert f.prefetch(name, rows, cols) == (4 * full[0].nbytes if wide else 0)
+        want_bytes = 4 * full[0].nbytes if wide else 0
+        assert f.prefetch_bytes(name, rows, cols) == want_bytes
+        assert f.prefetch(name, rows, cols) == want_bytes
+        # Through a scratch buffer smaller than the block: read in several preads.
+        assert f.prefetch(name, rows, cols, memoryview(bytearray(24))) == want_bytes
     with pytest.raises(ValueError, match="cannot hold"):
         f.read_block(name, rows, None, out=np.empty((3, ncols), full.dtype))
 
@@ -85,31 +127,32 @@ def test_a_file_that_shrinks_after_its_header_is_read_is_reported(hf_checkpoint,
     message = rf"{path.name}: truncated while reading '{last}'"
     with pytest.raises(models.SafetensorsError, match=message):
         f.read_rows(last)
+    with pytest.raises(models.SafetensorsError, match=message):
+        f.prefetch(last)
     with pytest.raises(models.SafetensorsError, match=message):    # narrow columns
         f.read_block(last, None, slice(0, shape[1] // 4))
     np.testing.assert_array_equal(f.read_rows(last, slice(0, 1)), whole[:1])   # intact rows
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (1, 2, 4)])
-def test_every_read_was_asked_for_first_and_values_are_exact(hf_checkpoint, monkeypatch,
-                                                              mesh_shape):
-    """Each block the loader reads was prefetched before, each prefetched block is
-    read, and loading through reused (aliased on the CPU) staging buffers gives every
-    layer its own values."""
+def test_read_ahead_follows_the_loader_and_staging_is_not_kept(hf_checkpoint, monkeypatch,
+                                                               mesh_shape):
+    """The thread reads ahead the blocks the loader reads, each once, in the loader's
+    order, and stops with the load; loading through reused (aliased on the CPU) staging
+    buffers gives every layer its own values."""
     path = hf_checkpoint("llama")
-    asked, read = [], []
+    ahead, read = [], []
     orig_prefetch, orig_read = SafetensorsFile.prefetch, SafetensorsFile.read_block
 
     def key(name, rows, cols):
         return name, (rows.start, rows.stop) if rows else None, (
             (cols.start, cols.stop) if cols else None)
 
-    def prefetch(self, name, rows=None, cols=None):
-        asked.append(key(name, rows, cols))
-        return orig_prefetch(self, name, rows, cols)
+    def prefetch(self, name, rows=None, cols=None, scratch=None):
+        ahead.append(key(name, rows, cols))
+        return orig_prefetch(self, name, rows, cols, scratch)
 
     def read_block(self, name, rows=None, cols=None, out=None):
-        assert key(name, rows, cols) in asked, f"{name} read before it was asked for"
         read.append(key(name, rows, cols))
         return orig_read(self, name, rows, cols, out=out)
 
@@ -120,14 +163,25 @@ def test_every_read_was_asked_for_first_and_values_are_exact(hf_checkpoint, monk
             super().__init__(*a, **k)
             loads.append(self)
 
+        def starting(self, name):
+            # The loader waits for the thread here, so what it reads ahead does not
+            # depend on how the two threads are scheduled.
+            super().starting(name)
+            assert self.wait_idle()
+
     monkeypatch.setattr(SafetensorsFile, "prefetch", prefetch)
     monkeypatch.setattr(SafetensorsFile, "read_block", read_block)
     monkeypatch.setattr(models.hf_io, "StreamedReads", Recorded)
     mesh = None if mesh_shape is None else sharding.create_mesh(*mesh_shape)
     model = models.load_pretrained(path, mesh=mesh)
-    assert set(read) == set(asked)
-    # Read-ahead asked for the tensors in the order the loader read them.
-    assert _first_seen(n for n, _, _ in read) == _first_seen(n for n, _, _ in asked)
+    assert loads[0].error is None
+    assert len(set(ahead)) == len(ahead), "a block was read ahead twice"
+    # Everything but the first tensor (the window covers the whole tiny checkpoint), in
+    # the order the loader reads it.
+    names = _first_seen(n for n, _, _ in read)
+    assert _first_seen(n for n, _, _ in ahead) == names[1:]
+    assert set(ahead) == {k for k in read if k[0] != names[0]}
+    assert not loads[0]._thread.is_alive()
     monkeypatch.undo()
     # No parameter lives in a staging buffer the loader would hand out again.
     (reads,) = loads
@@ -147,3 +201,19 @@ def test_every_read_was_asked_for_first_and_values_are_exact(hf_checkpoint, monk
 
 def _first_seen(names) -> list:
     return list(dict.fromkeys(names))
+
+
+def test_a_load_that_fails_midway_leaves_no_read_ahead_running(hf_checkpoint, monkeypatch):
+    path = hf_checkpoint("llama")
+    orig_read, calls = SafetensorsFile.read_block, []
+
+    def read_block(self, name, rows=None, cols=None, out=None):
+        calls.append(name)
+        if len(calls) == 4:
+            raise models.SafetensorsError(f"{self.path}: cannot read {name!r}")
+        return orig_read(self, name, rows, cols, out=out)
+
+    monkeypatch.setattr(SafetensorsFile, "read_block", read_block)
+    with pytest.raises(models.SafetensorsError, match="cannot read"):
+        models.load_pretrained(path)
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint-read-ahead"]

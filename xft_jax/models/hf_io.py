@@ -45,7 +45,7 @@ HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.
                 "lm_head": "lm_head.weight"}
 TRANSPOSED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "lm_head"}
-# How far ahead of the tensor being read the kernel is asked to read (bytes).
+# How far past the start of the tensor being read the loader reads ahead (bytes).
 READ_AHEAD_BYTES = 256 * 2**20
 # Buffers some checkpoints carry that hold no weights.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -380,9 +380,9 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
     # transient host copy then never adds to a nearly loaded model.
     tensor_reads = list(_tensor_reads(top_leaves, leaves,
                                       _layer_order(files, leaves, cfg.num_layers)))
-    reads = StreamedReads(_read_plan(files, tensor_reads), READ_AHEAD_BYTES)
-    loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype, layer_transform,
-                           reads)
+    with StreamedReads(_read_plan(files, tensor_reads), READ_AHEAD_BYTES) as reads:
+        loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype,
+                               layer_transform, reads)
     for p, keys, _, _ in top_leaves + layer_leaves:
         _set_path(state, p, loaded[tuple(keys)])
     return nnx.merge(graphdef, state)

@@ -2,9 +2,11 @@
 
 Why read-ahead: on a first load, reading a tensor from storage and the work done with it
 (staging, the transfer, the on-device transpose and stacking) would otherwise take turns.
-Asking the kernel to read the next tensors (``posix_fadvise`` WILLNEED, which returns at
-once) keeps the storage busy while the host works; a bounded window keeps the page cache
-from filling with more than is read back soon.
+A read-ahead thread reads the next tensors' bytes (and drops them), so they are in the
+page cache when the loader asks for them, while the host works on the current one. A
+bounded window keeps the page cache from filling with more than is read back soon.
+Asking the kernel instead (``posix_fadvise`` WILLNEED) was measured to overlap almost
+nothing here: a cold load took 6.5 s with it against 4.0 s with a reading thread.
 
 Why reused staging buffers: every page of a new host buffer faults in on first touch, which
 on a VM (worse with transparent huge pages compacting memory) costs more than the copy
@@ -15,6 +17,9 @@ previous layer used.
 from __future__ import annotations
 
 import collections
+import threading
+
+from absl import logging
 
 import numpy as np
 
@@ -23,6 +28,8 @@ from xft_jax.models.safetensors_reader import SafetensorsFile
 # XLA:CPU adopts a host buffer as a device array without copying only when it is this
 # aligned; numpy aligns to 16 bytes.
 ALIGNMENT = 64
+# The read-ahead thread's reads go through one reused buffer of this size.
+SCRATCH_BYTES = 8 * 2**20
 
 # (rows, cols) of one tensor that this process reads; cols None for whole rows.
 Block = tuple[slice, "slice | None"]
@@ -32,7 +39,12 @@ class StreamedReads:
     """The tensors one load reads, in order, with read-ahead and staging buffers.
 
     plan: (file, tensor name, the blocks this process reads) in the order they are read.
-    window_bytes: how far ahead of the tensor being read the kernel is asked to read.
+    window_bytes: how far past the start of the tensor being read the thread reads ahead.
+
+    Use as a context manager (or call ``close``): the read-ahead thread, started by the
+    first ``starting``, stops there. The thread's reads only warm the page cache: one
+    that fails ends the read-ahead, and the loader's own read of that tensor reports
+    the error with the file and tensor named.
     """
 
     def __init__(self, plan: list[tuple[SafetensorsFile, str, list[Block]]],
@@ -40,27 +52,92 @@ class StreamedReads:
         self._plan = plan
         self._order = {name: k for k, (_, name, _) in enumerate(plan)}
         self._window = window_bytes
-        self._next = 0           # first planned read not yet asked for
-        self._asked = 0          # bytes asked for so far
-        self._start: dict[int, int] = {}   # read -> bytes asked for before it
+        self._begin = [0]       # planned read -> read-ahead bytes before it
+        for f, tensor, blocks in plan:
+            self._begin.append(self._begin[-1] + sum(f.prefetch_bytes(tensor, rows, cols)
+                                                      for rows, cols in blocks))
+        self._cond = threading.Condition()
+        self._current = -1       # the planned read the loader is at
+        self._next = 0           # first planned read the thread has not passed
+        self._asked = 0          # bytes read ahead so far
+        self._idle = False       # the thread waits for the loader to move on
+        self._done = False       # the thread has returned
+        self._closed = False
+        self.error: Exception | None = None   # what stopped the read-ahead early
+        self._thread: threading.Thread | None = None
         self._free: dict[tuple, list[np.ndarray]] = collections.defaultdict(list)
         self._lent: list[tuple[tuple, np.ndarray]] = []
 
+    def __enter__(self) -> StreamedReads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def starting(self, name: str) -> None:
-        """Called as tensor ``name`` is about to be read: asks for every planned read that
-        starts within ``window_bytes`` of it (itself included)."""
+        """Called as tensor ``name`` is about to be read: lets the thread read ahead every
+        later planned read that starts within ``window_bytes`` of this one's start."""
         k = self._order.get(name)
         if k is None:
             return
-        while self._next <= k or (self._next < len(self._plan)
-                                  and self._asked < self._start[k] + self._window):
-            f, tensor, blocks = self._plan[self._next]
-            self._start[self._next] = self._asked
-            self._asked += sum(f.prefetch(tensor, rows, cols) for rows, cols in blocks)
-            self._next += 1
+        with self._cond:
+            self._current = max(self._current, k)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._read_ahead, daemon=True,
+                                                name="checkpoint-read-ahead")
+                self._thread.start()
+            self._idle = False   # until the thread has looked at the new position
+            self._cond.notify_all()
+
+    def _read_ahead(self) -> None:
+        scratch = memoryview(bytearray(SCRATCH_BYTES))
+        while True:
+            with self._cond:
+                while True:     # the next planned read past the loader, once in the window
+                    j = max(self._next, self._current + 1)
+                    if self._closed or j >= len(self._plan):
+                        self._done = True
+                        self._cond.notify_all()
+                        return
+                    if self._begin[j] < self._begin[self._current] + self._window:
+                        break
+                    self._idle = True
+                    self._cond.notify_all()
+                    self._cond.wait()
+                self._idle = False
+            f, tensor, blocks = self._plan[j]
+            try:
+                n = sum(f.prefetch(tensor, rows, cols, scratch) for rows, cols in blocks)
+            except Exception as e:   # noqa: BLE001 - the loader's own read reports it
+                logging.warning("checkpoint read-ahead stopped at %s: %s", tensor, e)
+                with self._cond:
+                    self.error = e
+                    self._closed = self._done = True
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._asked += n
+                self._next = j + 1
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Waits until the thread has read all it may for now (or has stopped); for
+        tests and diagnostics. False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._thread is None or self._idle or self._done, timeout)
+
+    def close(self) -> None:
+        """Stops the read-ahead thread (after the block it is reading) and waits for it."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def asked_bytes(self) -> int:
-        return self._asked
+        with self._cond:
+            return self._asked
 
     def buffer(self, shape, dtype) -> np.ndarray:
         """A host buffer of ``shape`` x ``dtype`` (contents undefined), lent until

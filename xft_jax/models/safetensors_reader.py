@@ -134,18 +134,31 @@ class SafetensorsFile:
         c0, c1, _ = cols.indices(shape[1])
         return (c0, c1) if 2 * (c1 - c0) <= shape[1] else None
 
-    def prefetch(self, name: str, rows: slice | None = None,
-                 cols: slice | None = None) -> int:
-        """Asks the kernel to start reading what ``read_block(name, rows, cols)`` will read
-        into the page cache, without waiting (readahead), so that read overlaps other
-        work. Returns the bytes asked for: 0 for a narrow column block (scattered rows,
-        left to the reads themselves) or where the platform has no ``posix_fadvise``."""
-        if self._cols_of(name, cols) is not None or not hasattr(os, "posix_fadvise"):
+    def prefetch_bytes(self, name: str, rows: slice | None = None,
+                       cols: slice | None = None) -> int:
+        """The bytes ``prefetch`` reads for this block: 0 for a narrow column block."""
+        if self._cols_of(name, cols) is not None:
             return 0
-        _, _, offset, nbytes = self._row_bytes(name, rows)
+        return self._row_bytes(name, rows)[3]
+
+    def prefetch(self, name: str, rows: slice | None = None, cols: slice | None = None,
+                 scratch: memoryview | None = None) -> int:
+        """Reads the bytes ``read_block(name, rows, cols)`` will read and discards them, so
+        that they are in the page cache when it comes. Blocks: it is meant for a
+        read-ahead thread (``host_reads``), whose preads overlap the loader's work.
+        Narrow column blocks (scattered rows) are left to their own reads. ``scratch`` is
+        the buffer read into (reused by the caller; 8 MB when None). Returns the bytes
+        read; a file that ends early raises like ``read_block``."""
+        nbytes = self.prefetch_bytes(name, rows, cols)
+        if not nbytes:
+            return 0
+        offset = self._row_bytes(name, rows)[2]
+        scratch = memoryview(bytearray(8 * 2**20)) if scratch is None else scratch
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+            for at in range(0, nbytes, len(scratch)):
+                self._pread_exact(fd, scratch[:min(len(scratch), nbytes - at)],
+                                  offset + at, name)
         finally:
             os.close(fd)
         return nbytes
