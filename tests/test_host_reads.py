@@ -1,5 +1,7 @@
 """Read-ahead and reused staging buffers of the checkpoint loader."""
 
+import mmap
+import os
 import threading
 
 import numpy as np
@@ -104,10 +106,54 @@ def test_read_block_into_a_buffer_and_prefetch(hf_checkpoint):
         want_bytes = 4 * full[0].nbytes if wide else 0
         assert f.prefetch_bytes(name, rows, cols) == want_bytes
         assert f.prefetch(name, rows, cols) == want_bytes
-        # Through a scratch buffer smaller than the block: read in several preads.
-        assert f.prefetch(name, rows, cols, memoryview(bytearray(24))) == want_bytes
     with pytest.raises(ValueError, match="cannot hold"):
         f.read_block(name, rows, None, out=np.empty((3, ncols), full.dtype))
+
+
+def test_prefetch_brings_the_block_into_the_page_cache(hf_checkpoint, tmp_path):
+    """With the page cache emptied (``posix_fadvise`` DONTNEED on a private copy), a
+    prefetch through a scratch buffer smaller than the block leaves every page of the
+    block cached."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(open(f"{hf_checkpoint('llama')}/model.safetensors", "rb").read())
+    f = SafetensorsFile(str(path))
+    name = max(f.tensors, key=lambda n: f.tensors[n]["offset"])
+    begin = f.data_start + f.tensors[name]["offset"]
+    nbytes = f.prefetch_bytes(name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        before = _cached_pages(fd, os.path.getsize(path))
+        assert f.prefetch(name, scratch=memoryview(bytearray(24))) == nbytes
+        after = _cached_pages(fd, os.path.getsize(path))
+    finally:
+        os.close(fd)
+    page = mmap.PAGESIZE
+    block = set(range(begin // page, (begin + nbytes - 1) // page + 1))
+    assert not block & before, "the page cache was not emptied"
+    assert block <= after, "a block page is not cached"
+
+
+def _cached_pages(fd: int, size: int) -> set[int]:
+    """Pages of an open file now in the page cache, by ``mincore`` on a mapping (which
+    looks without faulting anything in)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        return {i for i, b in enumerate(vec.raw) if b & 1}
+    finally:
+        libc.munmap(addr, size)
 
 
 def test_a_file_that_shrinks_after_its_header_is_read_is_reported(hf_checkpoint, tmp_path):

@@ -5,8 +5,11 @@ Why read-ahead: on a first load, reading a tensor from storage and the work done
 A read-ahead thread reads the next tensors' bytes (and drops them), so they are in the
 page cache when the loader asks for them, while the host works on the current one. A
 bounded window keeps the page cache from filling with more than is read back soon.
-Asking the kernel instead (``posix_fadvise`` WILLNEED) was measured to overlap almost
-nothing here: a cold load took 6.5 s with it against 4.0 s with a reading thread.
+Measured on the 1.4 GB bench checkpoint (2-core VM, medians of 6 interleaved loads): a
+cold load took 5.0 s when the kernel was asked instead (``posix_fadvise`` WILLNEED,
+which overlapped little) and 3.75 s with the thread; warm loads stayed within noise
+(2.74 s, 2.86 s). Faulting the pages in through a mapping (``MADV_POPULATE_READ``, no
+copy) was slower than reading them (4.76 s cold, 3.10 s warm).
 
 Why reused staging buffers: every page of a new host buffer faults in on first touch, which
 on a VM (worse with transparent huge pages compacting memory) costs more than the copy
