@@ -26,13 +26,11 @@ from absl import logging
 
 import numpy as np
 
-from xft_jax.models.safetensors_reader import SafetensorsFile
+from xft_jax.models.safetensors_reader import PREFETCH_CHUNK, SafetensorsFile
 
 # XLA:CPU adopts a host buffer as a device array without copying only when it is this
 # aligned; numpy aligns to 16 bytes.
 ALIGNMENT = 64
-# The read-ahead thread's reads go through one reused buffer of this size.
-SCRATCH_BYTES = 8 * 2**20
 
 # (rows, cols) of one tensor that this process reads; cols None for whole rows.
 Block = tuple[slice, "slice | None"]
@@ -93,7 +91,7 @@ class StreamedReads:
             self._cond.notify_all()
 
     def _read_ahead(self) -> None:
-        scratch = memoryview(bytearray(SCRATCH_BYTES))
+        scratch = memoryview(bytearray(PREFETCH_CHUNK))
         while True:
             with self._cond:
                 while True:     # the next planned read past the loader, once in the window

@@ -23,6 +23,8 @@ DTYPES = {
     "BOOL": np.bool_,
 }
 MAX_HEADER = 100 * 1024 * 1024
+# The size of the buffer a prefetch reads through (and drops).
+PREFETCH_CHUNK = 8 * 2**20
 
 
 class SafetensorsError(ValueError):
@@ -147,13 +149,12 @@ class SafetensorsFile:
         that they are in the page cache when it comes. Blocks: it is meant for a
         read-ahead thread (``host_reads``), whose preads overlap the loader's work.
         Narrow column blocks (scattered rows) are left to their own reads. ``scratch`` is
-        the buffer read into (reused by the caller; 8 MB when None). Returns the bytes
-        read; a file that ends early raises like ``read_block``."""
-        nbytes = self.prefetch_bytes(name, rows, cols)
-        if not nbytes:
+        the buffer read into (reused by the caller; ``PREFETCH_CHUNK`` bytes when None).
+        Returns the bytes read; a file that ends early raises like ``read_block``."""
+        if self._cols_of(name, cols) is not None:
             return 0
-        offset = self._row_bytes(name, rows)[2]
-        scratch = memoryview(bytearray(8 * 2**20)) if scratch is None else scratch
+        _, _, offset, nbytes = self._row_bytes(name, rows)
+        scratch = memoryview(bytearray(PREFETCH_CHUNK)) if scratch is None else scratch
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for at in range(0, nbytes, len(scratch)):
