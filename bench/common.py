@@ -56,18 +56,25 @@ SPECS = {
                 eval=dict(batch=4, seq=512, warmup=1, reps=5),
                 load=dict(model=dict(_MID, num_hidden_layers=24), dtype="float32", reps=3),
                 matmul=2048, target_frac=0.125),
+    # gpu: a None batch is sized from the card's memory (``train_cases``), capped at
+    # ``max_tokens`` per step so that the whole 7B check fits a short lease (bench/README.md
+    # has the time budget); ``dense_peak`` is the datasheet's dense bf16 rate of an
+    # H100/H200 SXM, the issue's MFU reference beside the matmul peak measured in the run.
     "gpu": dict(model=_MISTRAL7B, dtype="bfloat16", remat="full",
-                attention=("xla", "cudnn"),
-                train=dict(cases=[(16, 512), (8, 1024)], warmup=2, steps=5),
-                eval=dict(batch=16, seq=1024, warmup=2, reps=5),
+                attention=("xla", "cudnn"), nf4=True,
+                train=dict(cases=[(None, 1024), (None, 512)], warmup=1, steps=3,
+                           max_tokens=32768, fill=0.85),
+                eval=dict(batch=16, seq=1024, warmup=1, reps=5),
                 load=dict(model=_MISTRAL7B, dtype="bfloat16"), matmul=8192,
-                target_frac=0.125),
+                target_frac=0.125, dense_peak=989e12),
     "gpu_smoke": dict(model=dict(_TINY, model_type="mistral", sliding_window=4096),
-                      dtype="bfloat16", remat="full", attention=("xla", "cudnn"),
-                      train=dict(cases=[(2, 32), (1, 64)], warmup=1, steps=2),
+                      dtype="bfloat16", remat="full", attention=("xla", "cudnn"), nf4=True,
+                      train=dict(cases=[(None, 64), (None, 32)], warmup=1, steps=2,
+                                 max_tokens=64, fill=0.85),
                       eval=dict(batch=4, seq=64, warmup=1, reps=2),
                       load=dict(model=dict(_TINY, model_type="mistral", sliding_window=4096),
-                                dtype="bfloat16"), matmul=256, target_frac=0.25),
+                                dtype="bfloat16"), matmul=256, target_frac=0.25,
+                      dense_peak=989e12),
 }
 LORA = dict(rank=16, alpha=32.0, dropout=0.0)
 
@@ -120,6 +127,94 @@ def train_flops(m: dict, batch: int, seq: int, rank: int) -> dict:
                 n_matmul=n_matmul, tokens=tokens)
 
 
+# ----------------------------------------------------------------------------- batch sizing
+JAX_MEM_FRACTION = 0.75          # XLA_PYTHON_CLIENT_MEM_FRACTION's default
+OURS_FIXED_BYTES = 2 * 2**30     # LoRA params, AdamW state, gradients, workspaces
+
+
+def train_token_bytes(m: dict, seq: int) -> dict:
+    """Estimated device bytes per token of a LoRA train step with remat, by counting
+    (bf16 activations): {'ours', 'peer'}. Both keep each layer's input (2·D per layer)
+    and, while one layer is recomputed and differentiated, its activations and their
+    gradients (q, k, v, attention out, o, norms, residuals: ~14·D; gate, up, act, product:
+    ~8·F; twice over: 28·D + 16·F). Ours adds the masked attention's score blocks (float32
+    scores, probabilities and their gradients, 12 bytes for each of the ~T/2 keys a query
+    sees, per head); its LM head runs at the target positions only. The peer adds the
+    full-vocab logits and loss (bf16 logits, their float32 copy, log-softmax and both
+    gradients: 16·V). XLA's own plan (``memory_analysis`` on the CPU backend) was no
+    better guide: 0.8 MiB per token at 2 layers, 0.27 at 4, with host-only copies."""
+    x = dims(m)
+    common_part = 2 * x["L"] * x["d"] + 28 * x["d"] + 16 * x["f"]
+    return {"ours": common_part + 12 * x["h"] * (seq // 2),
+            "peer": common_part + 16 * x["V"]}
+
+
+def param_count(m: dict) -> int:
+    x = dims(m)
+    per_layer = sum(i * o for i, o in linear_shapes(m).values()) + 2 * x["d"]
+    return x["L"] * per_layer + 2 * x["V"] * x["d"] + x["d"]
+
+
+def fill_batch(m: dict, seq: int, device_bytes: int, fill: float, dtype_bytes: int = 2,
+               multiple: int = 8) -> int:
+    """The largest batch (a multiple of ``multiple`` when that is >= ``multiple``) whose
+    estimated step memory fits ``fill`` of the card on both sides at once (equal batches,
+    so both sides see the same rows): ours within JAX's default memory fraction, the peer
+    within ``fill``. 0 when not even one row fits."""
+    frac = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_MEM_FRACTION))
+    weights = param_count(m) * dtype_bytes
+    per_tok = train_token_bytes(m, seq)
+    free = {"ours": device_bytes * min(fill, frac) - weights - OURS_FIXED_BYTES,
+            "peer": device_bytes * fill - weights}
+    b = min(int(free[k] // (per_tok[k] * seq)) for k in free)
+    return max(0, b // multiple * multiple if b >= multiple else b)
+
+
+def train_cases(sp: dict, device_bytes: int | None, max_tokens: int | None = None
+                ) -> tuple[list[tuple[int, int]], list[dict]]:
+    """The size's train cases with every ``None`` batch sized: filled from
+    ``device_bytes`` (``fill_batch``) and capped at ``max_tokens`` per step (default the
+    size's; 0: no cap). Returns ([(batch, seq)], how each batch was chosen)."""
+    t = sp["train"]
+    cap = t.get("max_tokens", 0) if max_tokens is None else max_tokens
+    cases, how = [], []
+    for b, seq in t["cases"]:
+        if b is not None:
+            cases.append((b, seq))
+            how.append(dict(batch=b, seq=seq, rule="fixed"))
+            continue
+        fill = fill_batch(sp["model"], seq, device_bytes, t["fill"]) if device_bytes else None
+        capped = max(1, cap // seq) if cap else None
+        if fill is None and capped is None:
+            raise ValueError(f"seq {seq}: no device memory reading to size the batch from "
+                             f"and no --max_tokens cap; pass --max_tokens")
+        if fill == 0:
+            raise ValueError(f"seq {seq}: not one row fits {100 * t['fill']:.0f}% of "
+                             f"{device_bytes / 2**30:.1f} GiB by the estimate")
+        batch = min(v for v in (fill, capped) if v is not None)
+        cases.append((batch, seq))
+        how.append(dict(batch=batch, seq=seq, fill_batch=fill, cap_batch=capped,
+                        device_bytes=device_bytes, fill=t["fill"],
+                        token_bytes=train_token_bytes(sp["model"], seq),
+                        rule="fill" if capped is None or (fill is not None and fill <= capped)
+                        else f"cap {cap} tokens/step"))
+    return cases, how
+
+
+def device_memory_bytes() -> int | None:
+    """Total memory of the first GPU by ``nvidia-smi`` (no framework import), else None."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                            "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = r.stdout.strip().splitlines()[:1]
+    if r.returncode != 0 or not first or not first[0].strip().isdigit():
+        return None
+    return int(first[0].strip()) * 2**20
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint(m: dict, dtype: str, seed: int = 0) -> str:
     """A random HF safetensors checkpoint of shape ``m`` (written once, then cached).
@@ -127,14 +222,22 @@ def checkpoint(m: dict, dtype: str, seed: int = 0) -> str:
     Tensors are drawn one at a time (std 0.02, norms 1) and written in shards of at most
     ~512 MB, so writing never holds the whole model. The directory appears atomically.
     """
+    # On a GPU the weights are drawn there (a 7B draw on the host takes minutes); the
+    # stream differs from the host's, so such checkpoints get their own cache key. A
+    # cached one of either kind is found without importing torch.
+    key = "_".join(f"{k}{m[k]}" for k in sorted(m)) + f"_{dtype}_s{seed}"
+    paths = {g: os.path.join(CACHE, "ckpt_" + (key + suffix).replace("/", "-"))
+             for g, suffix in (("cuda", "_gcuda"), ("cpu", ""))}
+    for p in paths.values():
+        if os.path.exists(os.path.join(p, "config.json")):
+            return p
+
     import torch
     import transformers
     from safetensors.torch import save_file
 
-    key = "_".join(f"{k}{m[k]}" for k in sorted(m)) + f"_{dtype}_s{seed}"
-    path = os.path.join(CACHE, "ckpt_" + key.replace("/", "-"))
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
+    gen_device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = paths[gen_device]
     os.makedirs(CACHE, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=CACHE, prefix=".tmp_ckpt")
     try:
@@ -147,7 +250,7 @@ def checkpoint(m: dict, dtype: str, seed: int = 0) -> str:
         cfg.dtype = dtype
         cfg.save_pretrained(tmp)
         tdt = getattr(torch, dtype)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=gen_device).manual_seed(seed)
         x = dims(m)
 
         def tensors():
@@ -173,7 +276,7 @@ def checkpoint(m: dict, dtype: str, seed: int = 0) -> str:
             if len(shape) == 1:
                 t = torch.ones(shape, dtype=tdt)
             else:
-                t = (torch.randn(shape, generator=gen) * 0.02).to(tdt)
+                t = (torch.randn(shape, generator=gen, device=gen_device) * 0.02).to(tdt).cpu()
             nbytes = t.numel() * t.element_size()
             if cur and size + nbytes > limit:
                 flush(cur)
@@ -369,14 +472,27 @@ def _error_line(log: str) -> str:
     return (errors or lines or ["?"])[-1][:160].replace("|", "/")
 
 
+GPU_ONLY_ATTENTION = ("cudnn",)
+NOT_APPLICABLE = "n/a"
+
+
 def run_ours_per_attention(script: str, sp: dict, args: list[str], timeout: float,
                            warmup: int) -> tuple[dict, dict]:
     """Our child (``--child=ours``) once per attention implementation of the size. With
     several, each is kept as "ours@<impl>" and the fastest (best time after ``warmup``)
-    is also "ours". Returns (results, {impl: error line} of those that failed)."""
+    is also "ours". Returns (results, {impl: error line} of those that failed).
+
+    When ``XFT_BENCH_BACKEND`` names a backend other than "gpu" (bench/gpu_check.py sets
+    it from what JAX found), a GPU-only implementation is not started: its entry reads
+    "n/a (...)" instead of an error line."""
     impls = sp.get("attention", (None,))
+    backend = os.environ.get("XFT_BENCH_BACKEND")
     res, failed = {}, {}
     for impl in impls:
+        if backend not in (None, "gpu") and impl in GPU_ONLY_ATTENTION:
+            failed[str(impl)] = (f"{NOT_APPLICABLE} (JAX backend {backend}: {impl} "
+                                 f"attention runs on GPUs only)")
+            continue
         extra = [f"--attention_impl={impl}"] if impl else []
         try:
             r = run_child(script, args + ["--child=ours"] + extra, timeout)
@@ -403,7 +519,8 @@ def attention_rows(case: str, metric: str, res: dict, failed: dict, value, peer:
                  peer=f"{peer:.2f}", ratio=value(r) / peer)
             for name, r in res.items() if name.startswith("ours@")]
     return rows + [dict(case=case, metric=f"{metric}, attention={impl}",
-                        ours="failed: " + err, peer=f"{peer:.2f}")
+                        ours=err if err.startswith(NOT_APPLICABLE) else "failed: " + err,
+                        peer=f"{peer:.2f}")
                    for impl, err in failed.items()]
 
 

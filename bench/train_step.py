@@ -24,12 +24,21 @@ from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 
-F = common.define_flags(["ours", "ours_full_head", "torch"])
+F = common.define_flags(["ours", "ours_full_head", "ours_nf4", "torch"])
 _DROPOUT = flags.DEFINE_float("lora_dropout", common.LORA["dropout"], "LoRA dropout (both).")
 _CE_CHUNK = flags.DEFINE_integer("ce_chunk", 256, "Our loss's sequence chunk (StepConfig).")
 _BEFORE = flags.DEFINE_bool("before", True, "Also time ours with the LM head at every "
                              "position (the loss before the target-positions change).")
 _CASE = flags.DEFINE_integer("case", 0, "Internal: index into the size's train cases.")
+_BATCH = flags.DEFINE_integer("batch", None, "Internal: the case's batch (the parent sizes "
+                              "it, so every side runs the same rows).")
+_CASES = flags.DEFINE_list("cases", None, "Indices of the size's train cases to run "
+                           "(default: all), e.g. --cases=0 for the first sequence length.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Cap on tokens per step for batches "
+                                   "sized from device memory (0: none, fill the card); "
+                                   "default: the size's.")
+_NF4 = flags.DEFINE_bool("nf4", True, "Also time our NF4 QLoRA step (sizes with nf4=True), "
+                         "with the attention implementation 'ours' ended on.")
 
 
 def _steps(sp):
@@ -38,10 +47,12 @@ def _steps(sp):
 
 
 def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
-               full_head: bool = False) -> dict:
+               full_head: bool = False, nf4: bool = False) -> dict:
     """The trainer's own path: ``training.data.to_global`` then the jitted step.
     ``full_head``: the same step with the LM head at every position (``target_pos`` =
-    all T positions), i.e. the loss as it was before the target-positions change."""
+    all T positions), i.e. the loss as it was before the target-positions change.
+    ``nf4``: QLoRA, the frozen linears quantised to NF4 while loading (the trainer's
+    ``model.quantization=nf4``)."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -59,15 +70,23 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
     peak = common.jax_matmul_peak(sp["matmul"], sp["dtype"])
     warmup, steps = _steps(sp)
     mesh = sharding.create_mesh(1, -1, 1)
-    model = hf_io.load_pretrained(ckpt, dtype=dtype, mesh=mesh, compute_dtype=dtype,
-                                  remat=sp["remat"], attention_impl=F.attention_impl.value)
+    kw = dict(dtype=dtype, mesh=mesh, compute_dtype=dtype, remat=sp["remat"],
+              attention_impl=F.attention_impl.value)
+    if nf4:
+        from xft_jax import quantization
+        model = quantization.load_pretrained(ckpt, "nf4", **kw)
+    else:
+        model = hf_io.load_pretrained(ckpt, **kw)
     lcfg = lora_lib.LoRAConfig(rank=common.LORA["rank"], alpha=common.LORA["alpha"],
                                dropout=_DROPOUT.value, targets=common.LINEAR)
     lora_lib.attach(model, lcfg, jax.random.key(0), mesh)
     opts = model.forward_options()
     base, lora = model.params(), model.lora_params()
     model.lora = None
-    base_sh = sharding.param_shardings(mesh, base)
+    if nf4:
+        base_sh = quantization.param_shardings(mesh, base)
+    else:
+        base_sh = sharding.param_shardings(mesh, base)
     lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
     ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0,
                                           weight_decay=0.0, clip_norm=1.0))
@@ -94,7 +113,7 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
         losses.append(float(m["loss"]))
     return {"times": times, "losses": losses, "peak_flops": peak,
             "device_peak_bytes": common.jax_device_memory(), "peak_rss": common.peak_rss(),
-            "device": str(jax.devices()[0].device_kind)}
+            "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend()}
 
 
 def child_torch(sp: dict, batch_size: int, seq: int, ckpt: str) -> dict:
@@ -149,11 +168,15 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     sp = common.spec(size)
     ckpt = common.checkpoint(sp["model"], sp["dtype"])
     warmup, _ = _steps(sp)
-    rows, details = [], {"checkpoint": ckpt, "cases": []}
+    device_bytes = common.device_memory_bytes()
+    cases, sizing = common.train_cases(sp, device_bytes, _MAX_TOKENS.value)
+    rows, details = [], {"checkpoint": ckpt, "cases": [], "batch_sizing": sizing}
     gpu = size.startswith("gpu")
-    for i, (b, t) in enumerate(sp["train"]["cases"]):
+    picked = range(len(cases)) if _CASES.value is None else [int(c) for c in _CASES.value]
+    for i in picked:
+        b, t = cases[i]
         case = f"B={b} T={t}"
-        args = [f"--size={size}", f"--case={i}", f"--ckpt={ckpt}",
+        args = [f"--size={size}", f"--case={i}", f"--batch={b}", f"--ckpt={ckpt}",
                 f"--lora_dropout={_DROPOUT.value}", f"--ce_chunk={_CE_CHUNK.value}"]
         res, failed = common.run_ours_per_attention("train_step.py", sp, args,
                                                     F.timeout.value, sp["train"]["warmup"])
@@ -163,6 +186,11 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
             impl = res["ours"]["attention_impl"]
             res["ours_full_head"] = common.run_child(
                 "train_step.py", args + ["--child=ours_full_head"] + (
+                    [f"--attention_impl={impl}"] if impl else []), F.timeout.value)
+        if _NF4.value and sp.get("nf4"):
+            impl = res["ours"]["attention_impl"]
+            res["ours_nf4"] = common.run_child(
+                "train_step.py", args + ["--child=ours_nf4"] + (
                     [f"--attention_impl={impl}"] if impl else []), F.timeout.value)
         fl = common.train_flops(sp["model"], b, t, common.LORA["rank"])
         stats = {}
@@ -175,6 +203,8 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
                                mfu_best=fl["total"] / step / best,
                                first_step_s=r["times"][0], loss0=r["losses"][0],
                                mem=r["device_peak_bytes"] or r["peak_rss"])
+            if sp.get("dense_peak"):
+                stats[impl]["mfu_dense"] = fl["total"] / step / sp["dense_peak"]
         o, p = stats["ours"], stats["torch"]
         loss_ok = common.check_close(o["loss0"], p["loss0"], 2e-2 if gpu else 1e-3)
         tok_target = 2.0 if gpu else 1.5
@@ -189,6 +219,14 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
             dict(case=case, metric="MFU (best measured peak)",
                  ours=common.fmt(o["mfu_best"], "%"), peer=common.fmt(p["mfu_best"], "%"),
                  ratio=o["mfu_best"] / p["mfu_best"]),
+        ]
+        if sp.get("dense_peak"):
+            rows.append(dict(
+                case=case, metric=f"MFU (dense bf16 peak {sp['dense_peak'] / 1e12:.0f} TFLOP/s)",
+                ours=common.fmt(o["mfu_dense"], "%"), peer=common.fmt(p["mfu_dense"], "%"),
+                ratio=o["mfu_dense"] / p["mfu_dense"], target=">= 50% (ours)",
+                met=o["mfu_dense"] >= 0.5))
+        rows += [
             dict(case=case, metric="matmul peak", ours=common.fmt(res["ours"]["peak_flops"],
                                                                   "FLOP/s"),
                  peer=common.fmt(res["torch"]["peak_flops"], "FLOP/s"),
@@ -206,6 +244,8 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
         rows += common.attention_rows(
             case, "tokens/s", res, failed,
             lambda r: fl["tokens"] / min(r["times"][warmup:]), p["tokens_per_s"])
+        if "ours_nf4" in stats:
+            rows += nf4_rows(case, stats["ours_nf4"], o, p, gpu)
         if "ours_full_head" in stats:
             q = stats["ours_full_head"]
             rows += [
@@ -224,11 +264,35 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     return {"rows": rows, "details": details}
 
 
+def nf4_rows(case: str, q: dict, o: dict, p: dict, gpu: bool) -> list[dict]:
+    """Our NF4 QLoRA step against our bf16 step (the issue's >= 0.7x) and the peer.
+    Its first loss differs from the bf16 one by the quantisation error only."""
+    rel = abs(q["loss0"] - o["loss0"]) / max(abs(o["loss0"]), 1e-6)
+    return [
+        dict(case=case, metric="NF4 QLoRA tokens/s vs ours bf16", ours=f"{q['tokens_per_s']:.1f}",
+             peer=f"{o['tokens_per_s']:.1f}", ratio=q["tokens_per_s"] / o["tokens_per_s"],
+             target=">= 0.7x" if gpu else "",
+             met=(q["tokens_per_s"] / o["tokens_per_s"] >= 0.7) if gpu else None),
+        dict(case=case, metric="NF4 QLoRA tokens/s vs peer bf16", ours=f"{q['tokens_per_s']:.1f}",
+             peer=f"{p['tokens_per_s']:.1f}", ratio=q["tokens_per_s"] / p["tokens_per_s"]),
+        dict(case=case, metric="NF4 loss at step 1 vs ours bf16 (quantised weights)",
+             ours=f"{q['loss0']:.5f}", peer=f"{o['loss0']:.5f}", target="within 5%",
+             met=bool(rel <= 0.05)),
+        dict(case=case, metric="NF4 peak memory vs ours bf16", ours=common.fmt(q["mem"], "B"),
+             peer=common.fmt(o["mem"], "B"),
+             ratio=q["mem"] / o["mem"] if q["mem"] and o["mem"] else None),
+        dict(case=case, metric="NF4 first step (compile)", ours=f"{q['first_step_s']:.1f} s",
+             peer=f"{o['first_step_s']:.1f} s"),
+    ]
+
+
 def child(sp: dict, kind: str, ckpt: str) -> dict:
     b, t = sp["train"]["cases"][_CASE.value]
+    b = _BATCH.value or b
     if kind == "torch":
         return child_torch(sp, b, t, ckpt)
-    return child_ours(sp, b, t, ckpt, full_head=kind == "ours_full_head")
+    return child_ours(sp, b, t, ckpt, full_head=kind == "ours_full_head",
+                      nf4=kind == "ours_nf4")
 
 
 if __name__ == "__main__":

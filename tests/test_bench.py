@@ -80,7 +80,7 @@ def test_run_all_smoke(tmp_path):
 
 def test_train_step_gpu_path_on_cpu(tmp_path):
     """The GPU mode's code path (bf16, remat, two sequence lengths) at a tiny shape."""
-    _run(["bench/train_step.py", "--size=gpu_smoke", "--no_record", "--nobefore",
+    _run(["bench/train_step.py", "--size=gpu_smoke", "--no_record", "--nobefore", "--nonf4",
           f"--out={tmp_path}"], tmp_path)
     (path,) = glob.glob(str(tmp_path / "*_train_step_gpu_smoke.json"))
     rows = _rows(path)
