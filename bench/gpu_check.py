@@ -62,13 +62,22 @@ _SETUP_CHILD = flags.DEFINE_string("setup_child", None, "Internal: run the setup
 
 
 
-def steps(size: str) -> list[tuple[str, list[str]]]:
-    """(name, bench command) in the order they run."""
+# Seconds each step of the gpu size is expected to take on an H200 (bench/README.md has
+# the sum): estimates made before any GPU run, to be replaced by the first run's times.
+# A step starts only when this much (at least --min_step_s) of the budget is left, so
+# device time is not spent on a step that would be killed half-way.
+GPU_STEP_ESTIMATE_S = {"train": 240, "eval": 100, "load": 100}
+
+
+def steps(size: str) -> list[tuple[str, list[str], int]]:
+    """(name, bench command, seconds expected) in the order they run."""
     seqs = [t for _, t in common.spec(size)["train"]["cases"]]
     mt = [] if _MAX_TOKENS.value is None else [f"--max_tokens={_MAX_TOKENS.value}"]
-    train = [(f"train_T{t}", ["train_step.py", f"--cases={i}", "--nobefore"] + mt)
-             for i, t in enumerate(seqs)]
-    return train[:1] + [("eval", ["eval_scoring.py"]), ("load", ["load.py"])] + train[1:]
+    est = GPU_STEP_ESTIMATE_S if size == "gpu" else {}
+    train = [(f"train_T{t}", ["train_step.py", f"--cases={i}", "--nobefore"] + mt,
+              est.get("train", 0)) for i, t in enumerate(seqs)]
+    return train[:1] + [("eval", ["eval_scoring.py"], est.get("eval", 0)),
+                        ("load", ["load.py"], est.get("load", 0))] + train[1:]
 
 
 # ----------------------------------------------------------------------------- setup child
@@ -81,7 +90,13 @@ def setup_child(size: str, path: str) -> None:
 
     info = {"python": sys.version.split()[0], "jax_backend": jax.default_backend(),
             "jax_devices": [d.device_kind for d in jax.devices()],
-            "torch_cuda": torch.cuda.is_available(), "versions": {}}
+            "torch_cuda": torch.cuda.is_available(), "versions": {},
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    if size == "gpu" and (info["jax_backend"] != "gpu" or not info["torch_cuda"]):
+        # A 7B run on the host would spend the whole lease; stop before the checkpoint.
+        print(f"gpu_check: --size=gpu needs a GPU in JAX and torch; JAX backend is "
+              f"{info['jax_backend']!r}, torch CUDA {info['torch_cuda']}", file=sys.stderr)
+        sys.exit(2)
     for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft",
                  "safetensors", "ml_collections", "numpy"):
         try:
@@ -161,7 +176,7 @@ def main(argv):
     out = os.path.abspath(_OUT.value)
     os.makedirs(out, exist_ok=True)
     plan = steps(size)
-    names = [n for n, _ in plan]
+    names = [n for n, _, _ in plan]
     only = names if _ONLY.value is None else _ONLY.value
     bad = [n for n in only if n not in names]
     if bad:
@@ -188,7 +203,7 @@ def main(argv):
         print(f"[gpu_check] setup: {status} ({secs:.0f} s)", flush=True)
         if env.get("jax_backend"):
             child_env["XFT_BENCH_BACKEND"] = env["jax_backend"]
-        for name, bench in plan:
+        for name, bench, expected in plan:
             step = {"name": name, "command": " ".join(bench)}
             report["steps"].append(step)
             left = None if deadline is None else deadline - time.perf_counter()
@@ -198,8 +213,10 @@ def main(argv):
             if report["steps"][0]["status"] != "ok":
                 step["status"] = "skipped: setup failed"
                 continue
-            if left is not None and left < _MIN_STEP.value:
-                step["status"] = f"skipped: time budget spent ({left:.0f} s left)"
+            need = max(_MIN_STEP.value, expected)
+            if left is not None and left < need:
+                step["status"] = (f"skipped: time budget spent ({left:.0f} s left, "
+                                  f"needs ~{need} s)")
                 print(f"[gpu_check] {name}: {step['status']}", flush=True)
                 continue
             timeout = left if left is not None else 3600

@@ -10,6 +10,11 @@ are inside the timed step on both sides. Reported: tokens/s of the best timed st
 model-FLOP count in ``common.train_flops`` against a matmul peak measured in the same
 child (``jnp.dot`` for ours, ``torch.matmul`` for the peer), the first-step loss of each
 (LoRA B starts at zero, so both must equal the base model's loss), and peak memory.
+
+GPU sizes also time our NF4 QLoRA step (the base quantised while loading) against our
+bf16 step, report MFU against the datasheet's dense bf16 peak, and size the batch from
+the card's memory (``common.train_cases``: the same batch on every side, capped at the
+size's tokens per step; ``--max_tokens=0`` fills the card).
 """
 
 from __future__ import annotations
@@ -173,6 +178,9 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     rows, details = [], {"checkpoint": ckpt, "cases": [], "batch_sizing": sizing}
     gpu = size.startswith("gpu")
     picked = range(len(cases)) if _CASES.value is None else [int(c) for c in _CASES.value]
+    if any(not 0 <= i < len(cases) for i in picked):
+        raise app.UsageError(f"--cases={','.join(_CASES.value)}: size {size} has cases "
+                             f"0..{len(cases) - 1} ({cases})")
     for i in picked:
         b, t = cases[i]
         case = f"B={b} T={t}"

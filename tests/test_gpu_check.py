@@ -113,6 +113,21 @@ def test_gpu_check_reports_steps_its_budget_cannot_hold(tmp_path):
     assert "### load: skipped: time budget spent" in md
 
 
+def test_gpu_check_gpu_size_stops_without_a_gpu(tmp_path):
+    """--size=gpu on a machine without a GPU stops in setup, before writing 14.5 GB."""
+    if jax_has_gpu():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    proc = _gpu_check(out, tmp_path, "--skip_install")
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["steps"][0]["status"] == "failed (exit 2)"
+    assert all(s["status"] == "skipped: setup failed" for s in report["steps"][1:])
+    assert "needs a GPU in JAX and torch; JAX backend is 'cpu'" in (
+        out / "gpu_check.log").read_text()
+    assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")
+
+
 def test_gpu_check_refuses_bad_arguments_and_missing_wheels(tmp_path):
     proc = _gpu_check("--size=gpu", tmp_path)
     assert proc.returncode == 2 and "usage: bash bench/gpu_check.sh OUT_DIR" in proc.stderr
