@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     # Length of a run: passes over the training split (steps follow from its size and
-    # data.batch_size), or a number of steps instead (set epochs to None then).
+    # data.batch_size); train.steps, when set, replaces them (short test runs).
     c.train.epochs = ml_collections.FieldReference(3.0, field_type=float)
     c.train.steps = ml_collections.FieldReference(None, field_type=int)
     c.train.seed = 0

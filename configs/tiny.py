@@ -50,7 +50,6 @@ def get_config(arg=None):
     c.optim.warmup_steps = 2
     c.optim.weight_decay = 0.0
 
-    c.train.epochs = None
     c.train.steps = 20
     c.train.ce_chunk = 64
     c.train.log_every = 1

@@ -95,14 +95,13 @@ DEFAULT_ROOM_PERCENTILE = 99.0
 
 def train_steps(t, num_examples: int, batch_size: int) -> int:
     """Optimiser steps of a run: ``train.epochs`` passes over the encoded training
-    examples (``num_examples // batch_size`` steps each, rounded down over all epochs), or
-    ``train.steps`` when the config sets steps instead; exactly one must be set."""
+    examples (rounded down to whole batches over all epochs); ``train.steps``, when set,
+    replaces them (short test and smoke runs)."""
     epochs, steps = t.get("epochs", None), t.get("steps", None)
-    if (epochs is None) == (steps is None):
-        raise ValueError(f"set exactly one of config.train.epochs ({epochs}) and "
-                         f"config.train.steps ({steps})")
     if steps is not None:
         return int(steps)
+    if epochs is None:
+        raise ValueError("set config.train.epochs (or config.train.steps)")
     if float(epochs) <= 0:
         raise ValueError(f"config.train.epochs={epochs}: must be positive")
     out = int(float(epochs) * num_examples // batch_size)

@@ -251,8 +251,15 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     enc = run_data.train.stats
     logger.write(f"data: {run_data.info['origin']}, {enc.kept} of {enc.total} training "
                  f"examples encoded ({enc.truncated} with their context cut, {enc.dropped} "
-                 f"dropped as longer than data.max_len={config.data.max_len}; prompts leave "
-                 f"room for the targets of {', '.join(enc.prompt_room)})")
+                 f"dropped as longer than data.max_len={config.data.max_len}; every prompt "
+                 f"leaves {enc.target_room} target tokens, the "
+                 f"{config.data.get('prompt_room_percentile', None) or 'default'} percentile "
+                 f"of the training split's longest target of {', '.join(enc.prompt_room)}; "
+                 f"{enc.target_cut} training targets lost their tail to it); "
+                 f"{run_data.info['num_validation']} validation examples; {steps} steps ("
+                 + ("train.steps" if t.get("steps", None) is not None else
+                    f"{t.get('epochs')} epochs at data.batch_size={config.data.batch_size}")
+                 + ")")
     if enc.dropped > 0.1 * enc.total:
         logger.write(f"WARNING: {enc.dropped} of {enc.total} training examples do not fit "
                      f"data.max_len={config.data.max_len}; raise it")
