@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from xft_jax.data import targets
+from xft_jax.data import encode, targets
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     # runs of these variants train and are scored on the same prompts and keep the same
     # examples, so they differ only in the target.
     c.data.prompt_room = tuple(targets.PAPER_VARIANTS)
-    c.data.prompt_room_percentile = 99.0
+    c.data.prompt_room_percentile = encode.ROOM_PERCENTILE
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4

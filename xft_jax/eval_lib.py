@@ -27,13 +27,14 @@ import numpy as np
 
 from xft_jax.atomic import write_text as atomic_write
 from xft_jax import generation, metrics, scoring, sharding
+from xft_jax.data.encode import ROOM_PERCENTILE
 from xft_jax.data.splits import VALIDATION_FRACTION
 from xft_jax.data.targets import PAPER_VARIANTS
 
 # Used only when neither the eval config nor a training run says (configs/common.py).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
                  "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS,
-                 "validation_fraction": VALIDATION_FRACTION, "prompt_room_percentile": 99.0}
+                 "validation_fraction": VALIDATION_FRACTION, "prompt_room_percentile": ROOM_PERCENTILE}
 SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
 DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
              "num_synthetic", "prompt_room", "validation_fraction", "prompt_room_percentile")

@@ -9,12 +9,12 @@ left, token-exactly, when the whole does not fit ``max_len``; the response and t
 are never cut. Tokenizers with a chat template get the prompt as one user message.
 
 How much of the context is cut depends on the room left for the target. The study gives
-every example the same room, ``target_room`` tokens (``target_room``: a high percentile
-of the training split's longest target among the study's variants): a prompt is then cut
-to the same length whatever its own target, so a cut prompt's length carries nothing about
-its gold label (an explanation's length goes with its label), and every variant trains and
-is scored on the same prompts and keeps the same examples, so variants differ only in
-their target. A target longer than the room loses its tail (the label always stays).
+every example the same room (``target_room``: a high percentile of the training split's
+longest target among the study's variants): a prompt is then cut to the same length
+whatever its own target, so a cut prompt's length carries nothing about its gold label
+(an explanation's length goes with its label), and every variant trains and is scored on
+the same prompts and keeps the same examples, so variants differ only in their target. A
+target longer than the room loses its tail (the label always stays).
 Without ``target_room``, each example's prompt leaves room for its own longest target
 among ``prompt_room`` variants (or its own target), which lets the cut encode the label.
 """
@@ -32,6 +32,7 @@ from xft_jax.data.targets import (LABEL_PREFIX, TARGET_VARIANTS, ExplanationVoca
                                   make_target)
 
 SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "label_mask")
+ROOM_PERCENTILE = 99.0  # default percentile of the training targets' length for the room
 
 
 def prompt_parts(example: RatedExample, axis: str) -> tuple[str, str, str]:

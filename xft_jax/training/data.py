@@ -82,15 +82,12 @@ def target_room(d, splits, tokenizer, vocab) -> int:
     ``data.prompt_room_percentile`` of the training split's longest target among the run's
     own and the ``data.prompt_room`` variants. Training and evaluation both derive it
     here, from the training split, so every split is cut alike."""
-    from xft_jax.data.encode import target_room as room_of
+    from xft_jax.data.encode import ROOM_PERCENTILE, target_room as room_of
 
     pct = d.get("prompt_room_percentile", None)
     return room_of(splits.train, tokenizer, axis=d.axis, variants=(d.target, *prompt_room(d)),
-                   percentile=DEFAULT_ROOM_PERCENTILE if pct is None else float(pct),
+                   percentile=ROOM_PERCENTILE if pct is None else float(pct),
                    seed=int(d.get("seed", 0)), vocab=vocab)
-
-
-DEFAULT_ROOM_PERCENTILE = 99.0
 
 
 def train_steps(t, num_examples: int, batch_size: int) -> int:
