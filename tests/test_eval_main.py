@@ -112,7 +112,6 @@ def test_eval_prompts_are_cut_as_in_training(mistral_tokenizer):
     """An eval row's prompt is the one the run trained on for that example: cut to the
     one target room of the training split (``data.prompt_room`` variants, by default the
     paper's, at ``data.prompt_room_percentile``)."""
-    from xft_jax.data import pipeline
     from xft_jax.data.encode import Encoder
     from xft_jax.data.targets import PAPER_VARIANTS
     from xft_jax.training.data import build_splits, explanation_vocab, target_room
@@ -122,6 +121,7 @@ def test_eval_prompts_are_cut_as_in_training(mistral_tokenizer):
     assert tuple(d.prompt_room) == PAPER_VARIANTS
     splits = build_splits(d)
     examples = splits.test[:12]
+    vocab = explanation_vocab(splits, d.axis, PAPER_VARIANTS)
 
     def eval_prompts():
         batches, info = eval_lib.eval_batches(d, mistral_tokenizer, 4)
@@ -134,7 +134,6 @@ def test_eval_prompts_are_cut_as_in_training(mistral_tokenizer):
         return out, info
 
     def train_prompts(room):
-        vocab = explanation_vocab(splits, d.axis, PAPER_VARIANTS)
         enc = Encoder(mistral_tokenizer, axis=d.axis, variant="explanation",
                       max_len=int(d.max_len), seed=int(d.seed), vocab=vocab,
                       prompt_room=PAPER_VARIANTS, target_room=room)
@@ -142,7 +141,6 @@ def test_eval_prompts_are_cut_as_in_training(mistral_tokenizer):
         return {examples[int(r["index"])].id: tuple(r["input_ids"][
             :int(np.flatnonzero(r["loss_mask"])[0]) + 1]) for r in rows}, stats
 
-    vocab = explanation_vocab(splits, d.axis, PAPER_VARIANTS)
     room = target_room(d, splits, mistral_tokenizer, vocab)
     trained, stats = train_prompts(room)
     assert stats.truncated > 0                           # the prompts really are cut
