@@ -127,11 +127,11 @@ def test_best_validation_checkpoint_is_kept_recorded_and_evaluated(tmp_path, mon
     assert [r["val_accuracy"] for r in logged] == [0.2, 0.5, 0.4, 0.5, 0.3]
     assert eval_lib.checkpoint_step(wd, None)[0] == 2
     assert eval_lib.checkpoint_step(wd, 5) == (5, "config.model.step")
-    ec = eval_configs.get_config()
-    ec.model.workdir, ec.eval.batch_size, ec.data.max_examples = wd, 4, 4
-    out = eval_lib.run_evaluation(ec, str(tmp_path / "eval"))
-    assert out["model"]["step"] == 2 and "best validation" in out["model"]["selected_by"]
-    assert out["data"]["split"] == "test"
+    ec = eval_configs.get_config()                   # what evaluate and the probe load
+    ec.model.workdir = wd
+    loaded = eval_lib.load_model(ec.model, eval_lib.make_mesh(ec))
+    assert loaded.info["step"] == 2 and "best validation" in loaded.info["selected_by"]
+    assert ec.data.split == "test"
 
 
 # ---------------------------------------------------------------- prompt room vs label
