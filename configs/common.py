@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from xft_jax.data import targets
+from xft_jax.data import encode, targets
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -45,16 +45,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_len = 1024
     c.data.batch_size = 16            # global batch (all hosts together)
     c.data.seed = 0                   # data generation / split / pseudo-explanation seed
+    # Fraction of the training split's id groups carved out (by hashed id) as the
+    # validation split: checkpoint selection reads it; the test split is read only by the
+    # final evaluation.
+    c.data.validation_fraction = 0.1
     c.data.num_train = ml_collections.FieldReference(10000, field_type=int)
     c.data.num_test = ml_collections.FieldReference(5000, field_type=int)
     c.data.num_synthetic = ml_collections.FieldReference(None, field_type=int)
-    c.data.eval_examples = ml_collections.FieldReference(None, field_type=int)
+    c.data.eval_examples = ml_collections.FieldReference(None, field_type=int)  # validation cap
     c.data.pack = False
-    # Target variants every prompt leaves room for: runs of these variants then train and
-    # are scored on the same (cut) prompts and keep the same examples, so they differ only
-    # in the target. () leaves room for the run's own target only (longer targets then cut
-    # more context).
+    # Every prompt leaves the same room for its target: this percentile of the training
+    # split's longest target among the run's own and these variants (a longer target loses
+    # its tail, never its label). A cut prompt then carries nothing about its label, and
+    # runs of these variants train and are scored on the same prompts and keep the same
+    # examples, so they differ only in the target.
     c.data.prompt_room = tuple(targets.PAPER_VARIANTS)
+    c.data.prompt_room_percentile = encode.ROOM_PERCENTILE
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
@@ -68,15 +74,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 2000
+    # Length of a run: passes over the training split (steps follow from its size and
+    # data.batch_size); train.steps, when set, replaces them (short test runs).
+    c.train.epochs = ml_collections.FieldReference(3.0, field_type=float)
+    c.train.steps = ml_collections.FieldReference(None, field_type=int)
     c.train.seed = 0
     c.train.grad_accum = 1
-    c.train.label_loss_weight = 1.0
+    c.train.label_loss_weight = 1.0   # 1: plain causal-LM loss over the target tokens
     c.train.ce_chunk = 256
     c.train.log_every = 10
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
-    c.train.eval_every = 500
+    # Validation accuracy every k steps (and at the last); the best checkpoint is the run's
+    # result (kept beyond keep_checkpoints, recorded in <workdir>/validation.json).
+    c.train.eval_every = 200
     c.train.eval_batches = ml_collections.FieldReference(None, field_type=int)
 
     c.mesh = ml_collections.ConfigDict()

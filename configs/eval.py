@@ -19,7 +19,8 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
     c.model.workdir = ""             # training run directory (orbax checkpoints)
-    c.model.step = ml_collections.FieldReference(None, field_type=int)  # None: latest
+    # None: the step the run selected on validation (<workdir>/validation.json), else latest
+    c.model.step = ml_collections.FieldReference(None, field_type=int)
     c.model.path = ""                # HF safetensors dir: base model or merged checkpoint
     c.model.adapter = ""             # optional PEFT LoRA adapter dir on top of model.path
     c.model.tokenizer = ""           # default: the run's tokenizer, else model.path
@@ -37,7 +38,9 @@ def get_config(arg=None):
     # variants each prompt leaves room for (as in training); None: the run's, else the
     # paper's variants
     c.data.prompt_room = ml_collections.FieldReference(None, field_type=tuple)
-    c.data.split = "test"            # test | train
+    c.data.prompt_room_percentile = ml_collections.FieldReference(None, field_type=float)
+    c.data.validation_fraction = ml_collections.FieldReference(None, field_type=float)
+    c.data.split = "test"            # test | validation | train
     c.data.max_len = ml_collections.FieldReference(None, field_type=int)
     c.data.seed = ml_collections.FieldReference(None, field_type=int)
     c.data.num_train = ml_collections.FieldReference(None, field_type=int)

@@ -25,5 +25,4 @@ def get_config(arg=None):
     c.data.max_len = 1024
     c.data.batch_size = 16
     c.optim.lr = 2e-4
-    c.train.steps = 2000                          # ~3 epochs of 10k examples at batch 16
     return common.apply_arg(c, arg)

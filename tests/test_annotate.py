@@ -220,8 +220,9 @@ def test_ensemble_aggregates_counts_and_caches(server, tmp_path):
     assert rep.malformed == {"garbage: no score": n} and not rep.failed
     for ex in rated:
         for axis, r in ex.ratings.items():
-            # good and flaky: 3/4 -> 3.67 twice, 4/5 twice each; garbage excluded
-            assert len(r.scores) == 8 and r.mean == pytest.approx((11 / 3 * 2 + 8) / 4)
+            # good and flaky: 3/4 -> 4 (the rubric's anchor) twice, 4/5 twice each;
+            # garbage excluded
+            assert len(r.scores) == 8 and r.mean == pytest.approx(4.0)
             assert r.label == 4 and r.majority == 4 and r.agreement == 1.0
             assert {x.split("/")[0] for x in r.raters} == {"good", "flaky"}
             assert r.explanation == "The ensemble agrees the reply is decent."

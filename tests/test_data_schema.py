@@ -57,7 +57,7 @@ def test_rated_example_validation_and_round_trip():
 
 
 def test_rescale_and_rounding():
-    assert [rescale(s, 4) for s in (1, 2, 3, 4)] == [1.0, 1 + 4 / 3, 1 + 8 / 3, 5.0]
+    assert [rescale(s, 4) for s in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
     assert [rescale(s, 5) for s in range(1, 6)] == [1.0, 2.0, 3.0, 4.0, 5.0]
     with pytest.raises(ValueError):
         rescale(5, 4)
@@ -66,21 +66,34 @@ def test_rescale_and_rounding():
     assert [to_label(x) for x in (0.2, 1.49, 2.5, 3.5, 4.49, 7.0)] == [1, 1, 3, 4, 4, 5]
 
 
+def test_scale4_anchors_agree_with_the_rubric_text():
+    """A 1..4 score maps to the 1..5 score whose rubric line carries the same words."""
+    from xft_jax.data import rubrics
+    from xft_jax.data.schema import AXES
+
+    for axis in AXES:
+        five = dict(line.split(" = ", 1) for line in rubrics.rubric(axis, 5).splitlines()[1:])
+        four = dict(line.split(" = ", 1) for line in rubrics.rubric(axis, 4).splitlines()[1:])
+        assert len(four) == 4 and len(five) == 5
+        for s4, text in four.items():
+            assert five[str(int(rescale(int(s4), 4)))] == text, (axis, s4)
+
+
 def test_aggregate_axis_statistics():
     answers = [ScoredAnswer("m1", "scale5", 4.0, "good but long"),
                ScoredAnswer("m1", "scale4", rescale(3, 4), "solid"),
                ScoredAnswer("m2", "scale5", 2.0, "off"),
                ScoredAnswer("m2", "scale5_examples", 4.0, "")]
     r = aggregate_axis(answers)
-    mean = (4 + 1 + 8 / 3 + 2 + 4) / 4
-    assert r.mean == pytest.approx(mean) and r.label == 3
-    assert r.median == pytest.approx((1 + 8 / 3 + 4) / 2)
+    mean = (4 + 4 + 2 + 4) / 4      # the 4-point "3" is the rubric's 5-point 4
+    assert r.mean == pytest.approx(mean) and r.label == 4   # 3.5 rounds half up
+    assert r.median == pytest.approx(4.0)
     assert r.majority == 4  # rounded votes: 4, 4, 2, 4
-    assert r.agreement == 0.0  # nobody rounds to 3
+    assert r.agreement == 0.75
     assert r.spread == pytest.approx((sum((s - mean) ** 2 for s in r.scores) / 4) ** 0.5)
     assert r.raters == ("m1/scale5", "m1/scale4", "m2/scale5", "m2/scale5_examples")
-    # closest to the consensus: 3.667 (|0.25|) beats 4.0 (|0.58|)
-    assert r.explanation == "solid"
+    # closest to the consensus 3.5: the first of the 4.0 answers
+    assert r.explanation == "good but long"
     assert aggregate_axis(answers, "A summary.").explanation == "A summary."
     with pytest.raises(AggregationError):
         aggregate_axis([])

@@ -152,7 +152,8 @@ def test_ids_are_deterministic_and_limit_works():
 
 def test_synthetic_source_and_registry():
     assert set(sources.SOURCES) == {"chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected",
-                                    "amazon_qa", "coqa", "cornell_movie", "synthetic"}
+                                    "amazon_qa", "coqa", "cornell_movie", "chitchat",
+                                    "synthetic"}
     convs = sources.load_source("synthetic", limit=5)
     assert len(convs) == 5 and all(isinstance(c, Conversation) for c in convs)
     with pytest.raises(ValueError, match="unknown source"):
@@ -275,3 +276,79 @@ def test_cli_prints_canonical_json_lines(tmp_path):
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 2
     assert "1 skipped (1 x malformed JSON)" in out.stderr
+
+
+def test_chitchat_real_rows_from_the_installed_package(tmp_path):
+    """Every chat of the package is an item or a counted skip; items match the raw JSON."""
+    path = sources.chitchat_package_file()
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    report = LoadReport()
+    convs = sources.load_source("chitchat", report=report)
+    assert report.rows == len(raw) == 7168
+    assert report.items == len(convs) and report.items + report.num_skipped == len(raw)
+    assert set(report.skipped) == {"no reply", "blank turn"}
+    by_id = {c.id: c for c in convs}
+    two = [k for k, chat in raw.items() if len({m[0]["sender"] for m in chat["messages"]}) == 2]
+    assert len(convs) > 3900 and set(by_id) <= {f"chitchat:{k}" for k in two}
+    key = next(iter(raw))
+    turns = raw[key]["messages"]
+    c = by_id[f"chitchat:{key}"]
+    assert c.source == "chitchat" and len(c.context) == len(turns) - 1
+    assert c.response == " ".join(m["text"].strip() for m in turns[-1])
+    assert c.context[0] == ("A", " ".join(m["text"].strip() for m in turns[0]))
+    assert [s for s, _ in c.context[:4]] == ["A", "B", "A", "B"]
+    # the same chats as JSONL rows (id + messages) give the same items
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "messages": raw[k]["messages"]}) + "\n"
+                            for k in list(raw)[:40]))
+    again = sources.load_source("chitchat", str(rows), on_error="skip")
+    assert again == [by_id[i.id] for i in again] and len(again) > 10
+
+
+CHITCHAT_BAD = [
+    ({"id": "x", "messages": "hello"}, "wrong type"),
+    ({"messages": [[{"text": "hi", "sender": "a"}], [{"text": "yo", "sender": "b"}]]},
+     "missing field: 'id'"),
+    ({"id": "x", "messages": [[{"text": "hi", "sender": "a"}], [{"sender": "b"}]]},
+     "missing field: messages[1][0].'text'"),
+    ({"id": "x", "messages": [[{"text": 3, "sender": "a"}], [{"text": "yo", "sender": "b"}]]},
+     "wrong type"),
+    ({"id": "x", "messages": [[{"text": "hi", "sender": "a"}, {"text": "yo", "sender": "b"}]]},
+     "invalid item: messages[0] mixes senders"),
+    ({"id": "x", "messages": [[{"text": "hi", "sender": "a"}], [{"text": "yo", "sender": "b"}],
+                              [{"text": "hey", "sender": "c"}]]}, "third sender"),
+    ({"id": "x", "messages": [[{"text": "hi", "sender": "a"}], []]}, "wrong type"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", CHITCHAT_BAD)
+def test_chitchat_bad_rows_name_file_and_line(tmp_path, bad, reason):
+    good = {"id": "g", "messages": [[{"text": "hi", "sender": "a"}],
+                                    [{"text": "hello", "sender": "b"}]]}
+    p = tmp_path / "chats.jsonl"
+    p.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError) as e:
+        sources.load_source("chitchat", str(p))
+    assert str(e.value).startswith(f"{p}:2: ") and reason in str(e.value)
+    report = LoadReport()
+    convs = sources.load_source("chitchat", str(p), on_error="skip", report=report)
+    assert [c.id for c in convs] == ["chitchat:g"] and convs[0].context == (("A", "hi"),)
+    assert report.rows == 2 and report.num_skipped == 1
+
+
+def test_chitchat_package_layout_file_errors(tmp_path):
+    p = tmp_path / "dataset.json"
+    p.write_text(json.dumps([{"messages": []}]))
+    with pytest.raises(DataError, match=rf"^{p}:1: wrong type: expected a JSON object"):
+        sources.load_source("chitchat", str(p))
+    p.write_text(json.dumps({"c1": [1], "c2": {"messages": [
+        [{"text": "a", "sender": "u"}], [{"text": " ", "sender": "v"}]]}}))
+    with pytest.raises(DataError, match=rf"^{p}:chat c1: wrong type"):
+        sources.load_source("chitchat", str(p))
+    report = LoadReport()
+    assert sources.load_source("chitchat", str(p), on_error="skip", report=report) == []
+    assert report.skipped == {"wrong type": 1, "blank turn": 1} and report.rows == 2
+    p.write_text('{"c1": {"messages": [oops]}}')
+    with pytest.raises(DataError, match=rf"^{p}:1: malformed JSON"):
+        sources.load_source("chitchat", str(p))

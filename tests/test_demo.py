@@ -29,6 +29,7 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
     text = open(os.path.join(report, "report.md"), encoding="utf-8").read()
     assert "| synthetic / naturalness |" in text and "| missing" not in text.split("## Probe")[0]
     assert "majority-class rate on the evaluated naturalness examples" in text
+    assert "selected by validation accuracy: label_only seed 0: step " in text
     assert "## Accuracy" in text and text in first.stdout  # the table is printed too
     rows = list(csv.DictReader(open(os.path.join(report, "results.csv"), encoding="utf-8")))
     assert {r["variant"] for r in rows} == {"label_only", "explanation"}
@@ -36,7 +37,7 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
     for v in ("label_only", "explanation"):
         cell = os.path.join(out, "runs", "synthetic", "naturalness", v, "seed0")
         for f in ("eval/metrics.json", "eval/predictions.csv", "probe/probe.json",
-                  "train/metrics.jsonl"):
+                  "train/metrics.jsonl", "train/validation.json"):
             assert os.path.exists(os.path.join(cell, f)), f
     second = _demo(out)
     assert second.returncode == 0, second.stderr[-3000:]

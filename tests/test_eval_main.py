@@ -109,42 +109,45 @@ def test_eval_rows_are_prompt_and_label_whatever_the_variant(mistral_tokenizer):
 
 
 def test_eval_prompts_are_cut_as_in_training(mistral_tokenizer):
-    """An eval row's prompt is the one the run trained on for that example: cut to leave
-    room for every ``data.prompt_room`` target (the run's, by default the paper's)."""
-    from xft_jax.data import pipeline
+    """An eval row's prompt is the one the run trained on for that example: cut to the
+    one target room of the training split (``data.prompt_room`` variants, by default the
+    paper's, at ``data.prompt_room_percentile``)."""
     from xft_jax.data.encode import Encoder
     from xft_jax.data.targets import PAPER_VARIANTS
+    from xft_jax.training.data import build_splits, explanation_vocab, target_room
 
     d = eval_lib.resolve_data(_config().data, None)
     d.num_synthetic, d.max_len, d.max_examples = 40, 240, 12
     assert tuple(d.prompt_room) == PAPER_VARIANTS
-    examples = pipeline.build_datasets(d.source, None, num_train=d.num_train,
-                                       num_test=d.num_test, seed=int(d.seed),
-                                       num_synthetic=d.num_synthetic).test[:12]
+    splits = build_splits(d)
+    examples = splits.test[:12]
+    vocab = explanation_vocab(splits, d.axis, PAPER_VARIANTS)
 
     def eval_prompts():
-        batches, _ = eval_lib.eval_batches(d, mistral_tokenizer, 4)
+        batches, info = eval_lib.eval_batches(d, mistral_tokenizer, 4)
         out = {}
         for b in batches:
             for row in np.flatnonzero(b["valid"]):
                 first = int(np.flatnonzero(b["loss_mask"][row])[0])
                 out[batches.example_ids[b["example_index"][row]]] = tuple(
                     b["input_ids"][row][:first + 1])
-        return out
+        return out, info
 
     def train_prompts(room):
         enc = Encoder(mistral_tokenizer, axis=d.axis, variant="explanation",
-                      max_len=int(d.max_len), seed=int(d.seed), prompt_room=room)
+                      max_len=int(d.max_len), seed=int(d.seed), vocab=vocab,
+                      prompt_room=PAPER_VARIANTS, target_room=room)
         rows, stats = enc.encode_all(examples)
         return {examples[int(r["index"])].id: tuple(r["input_ids"][
             :int(np.flatnonzero(r["loss_mask"])[0]) + 1]) for r in rows}, stats
 
-    trained, stats = train_prompts(PAPER_VARIANTS)
+    room = target_room(d, splits, mistral_tokenizer, vocab)
+    trained, stats = train_prompts(room)
     assert stats.truncated > 0                           # the prompts really are cut
-    assert eval_prompts() == trained
+    prompts, info = eval_prompts()
+    assert prompts == trained and info["target_room"] == room
     d.prompt_room = ()                                   # room for the label alone
-    own, _ = train_prompts(())
-    assert eval_prompts() != own
+    assert eval_prompts()[0] != trained
 
 
 def test_evaluate_cli_with_generation(run_dir, tmp_path):

@@ -50,7 +50,12 @@ def _torch_logits(model):
 
 
 def _ours(workdir):
-    model, _, _ = load_trained(workdir, dtype="float32")
+    """Our logits at the checkpoint an export takes by default: the best-validation one."""
+    from xft_jax.training import selection
+
+    step = selection.selected_step(workdir)
+    assert step in (6, 12)                                      # eval_every=6
+    model, _, _ = load_trained(workdir, step, dtype="float32")
     return np.asarray(model(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK)))
 
 

@@ -43,14 +43,20 @@ def test_report_tables_and_bootstrap_by_hand(tmp_path):
     assert f"{np.mean(acc):.3f} ± {np.std(acc, ddof=1):.3f}" in text
     assert "| coqa / on_topic | " in text and "missing" in text
 
-    # bootstrap by hand: per-example difference of seed-averaged correctness
+    # the point estimate by hand: mean over seeds of the per-example difference
     d = (expl[0].astype(float) + expl[1]) / 2 - (base[0].astype(float) + base[1]) / 2
-    d = d[sorted(range(n), key=lambda i: f"ex{i}")]  # examples are taken in sorted-id order
-    boot = d[np.random.default_rng(0).integers(0, n, size=(500, n))].mean(1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    assert f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
+    from xft_jax.study import bootstrap
+
+    by_seed = {k: {f"ex{i}": float(v[i]) for i in range(n)} for k, v in base.items()}
+    other = {k: {f"ex{i}": float(v[i]) for i in range(n)} for k, v in expl.items()}
+    ref = bootstrap.paired_difference(by_seed, other, n_boot=500)
+    assert ref["diff"] == pytest.approx(d.mean())
+    assert (f"{ref['diff']:+.3f} [{ref['ci_low']:+.3f}, {ref['ci_high']:+.3f}] "
+            f"p={ref['p_value']:.3f}") in text
     wins = int(d.mean() > 0)
-    assert f"explanation beats label_only in {wins}/2 settings" in text
+    holm_wins = int(d.mean() > 0 and ref["p_value"] <= 0.05)   # one setting: Holm = plain
+    assert f"explanation beats label_only in {wins}/1 ({holm_wins} after correction" in text
+    assert "1 of the 2 settings lack a run of either variant" in text
     rows = list(csv.DictReader(open(os.path.join(root, "report", "results.csv"))))
     row = [r for r in rows if r["variant"] == "explanation" and r["axis"] == "naturalness"][0]
     assert float(row["acc_diff_vs_label_only"]) == pytest.approx(d.mean())
@@ -60,11 +66,37 @@ def test_report_tables_and_bootstrap_by_hand(tmp_path):
         assert os.path.getsize(os.path.join(root, "report", f)) > 0
 
 
-def test_bootstrap_uses_only_common_examples():
-    a = [{"x": 1.0, "y": 0.0, "z": 1.0}]
-    b = [{"x": 1.0, "y": 1.0}]
-    out = tables.paired_bootstrap(a, b, n_boot=50)
-    assert out["n_examples"] == 2 and out["diff"] == pytest.approx(0.5)
+def test_wins_are_counted_before_and_after_holm_correction():
+    """Three settings: a clear win, a marginal win (p about 0.03: significant alone, not
+    after Holm's correction over three settings, which asks p <= 0.05 / 2 of it) and a
+    small loss; the same examples go right and wrong for every seed."""
+    res = {}
+    n = 200
+    settings = [("coqa", "naturalness"), ("coqa", "on_topic"), ("coqa", "comprehensiveness")]
+    gain_loss = {settings[0]: (80, 0), settings[1]: (24, 16), settings[2]: (10, 12)}
+    for s in settings:
+        gain, loss = gain_loss[s]
+        base = np.zeros(n)
+        base[: n // 2] = 1
+        other = base.copy()
+        other[n // 2: n // 2 + gain] = 1       # examples only the variant gets right
+        other[:loss] = 0                       # examples only label_only gets right
+        for k in (0, 1, 2):
+            for v, arr in (("label_only", base), ("explanation", other)):
+                c = grid.Cell(s[0], s[1], v, k)
+                res[c] = tables.CellResult(c, {"accuracy": float(arr.mean())},
+                                           {f"e{i}": float(x) for i, x in enumerate(arr)})
+    data = tables.build_tables(res, settings, ["label_only", "explanation"], [0, 1, 2],
+                               n_boot=2000)
+    d = data["diffs"]["explanation"]
+    assert [d[s]["diff"] for s in settings] == pytest.approx([0.4, 0.04, -0.01])
+    assert d[settings[0]]["significant_holm"] and not d[settings[1]]["significant_holm"]
+    assert 0.025 < d[settings[1]]["p_value"] < 0.05
+    assert not d[settings[2]]["significant_holm"]
+    w = data["wins"]["explanation"]
+    assert (w["wins"], w["holm_wins"], w["holm_losses"], w["compared"]) == (2, 1, 0, 3)
+    text = tables.markdown_diffs(data, settings, ["label_only", "explanation"])
+    assert "explanation beats label_only in 2/3 (1 after correction" in text
 
 
 def test_bad_prediction_row_names_file_and_line(tmp_path):

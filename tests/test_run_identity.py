@@ -31,13 +31,15 @@ def test_differences_name_each_changed_key_and_ignore_operational_ones():
     new = _config(**{"optim.lr": 1.0, "data.prompt_room": ["label_only"],
                      "mesh.fsdp": 8, "train.log_every": 7, "model.path": "/moved"})
     assert ri.differences(old, new) == [
-        "data.prompt_room: ['label_only', 'explanation', 'shuffled', 'bag_of_words'] -> "
+        "data.prompt_room: ['label_only', 'explanation', 'shuffled', 'bag_of_words', "
+        "'random_vocab'] -> "
         "['label_only']",
         "optim.lr: 0.003 -> 1.0"]
     # a key on one side only counts (a config written before the key existed)
     gone = _config(**{"data.prompt_room": DELETE})
     assert ri.differences(old, gone) == [
-        "data.prompt_room: ['label_only', 'explanation', 'shuffled', 'bag_of_words'] -> "
+        "data.prompt_room: ['label_only', 'explanation', 'shuffled', 'bag_of_words', "
+        "'random_vocab'] -> "
         "(absent)"]
     # prefixes match whole path parts only
     assert ri.differences({"meshy": 1}, {"meshy": 2}) == ["meshy: 1 -> 2"]
@@ -47,7 +49,7 @@ def test_differences_name_each_changed_key_and_ignore_operational_ones():
 def test_check_resume_config_raises_with_the_checkpoint_and_notes_moved_paths():
     old = _config()
     notes = ri.check_resume_config(old, _config(**{"model.path": "/elsewhere",
-                                                   "train.eval_every": 3}), "/w/ckpt/4")
+                                                   "train.log_every": 3}), "/w/ckpt/4")
     assert notes == [f"model.path: {old['model']['path']!r} -> '/elsewhere' "
                      f"(a location; the run continues)"]
     with pytest.raises(ri.RunMismatchError, match=r"/w/ckpt/4: this run was started with a "

@@ -17,15 +17,16 @@ def test_dry_run_lists_every_cell(tmp_path):
          f"--sweep_dir={tmp_path}", "--dry_run"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     cells = [l for l in out.splitlines() if l.startswith("# ")]
-    assert len(cells) == 6 * 3 * 4 * 3
+    assert len(cells) == 6 * 3 * 5 * 3
     assert len(set(cells)) == len(cells)
-    assert sum("-m xft_jax.train " in l for l in out.splitlines()) == 216
-    assert "216 cells = 6 sources x 3 axes x 4 variants x 3 seeds" in out
-    out5 = subprocess.run(
-        [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py:all_variants",
+    assert sum("-m xft_jax.train " in l for l in out.splitlines()) == 270
+    assert "270 cells = 6 sources x 3 axes x 5 variants x 3 seeds" in out
+    assert sum("/random_vocab/" in l for l in cells) == 6 * 3 * 3
+    out2 = subprocess.run(
+        [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
          f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=(0,1)"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "180 cells = 6 sources x 3 axes x 5 variants x 2 seeds" in out5
+    assert "180 cells = 6 sources x 3 axes x 5 variants x 2 seeds" in out2
 
 
 FAKE_RUN = """

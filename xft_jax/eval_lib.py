@@ -4,7 +4,9 @@ A model comes from one of: a training workdir (orbax checkpoint of LoRA params o
 base named in its metadata, via ``training.restore.load_trained``), an HF base model plus
 an optional PEFT adapter, or a merged HF checkpoint. Data come from the same pipeline as
 training; fields the eval config leaves empty are taken from the run's own config, so by
-default a run is evaluated on exactly its own test split.
+default a run is evaluated on exactly its own test split. A training run is evaluated at
+the checkpoint it selected on validation (``<workdir>/validation.json``) unless a step is
+given; a run that recorded no validation curve, at its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ import numpy as np
 
 from xft_jax.atomic import write_text as atomic_write
 from xft_jax import generation, metrics, scoring, sharding
+from xft_jax.data.encode import ROOM_PERCENTILE
+from xft_jax.data.splits import VALIDATION_FRACTION
 from xft_jax.data.targets import PAPER_VARIANTS
 
 # Used only when neither the eval config nor a training run says (configs/common.py).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
-                 "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS}
+                 "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS,
+                 "validation_fraction": VALIDATION_FRACTION, "prompt_room_percentile": ROOM_PERCENTILE}
 SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
 DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
-             "num_synthetic", "prompt_room")
+             "num_synthetic", "prompt_room", "validation_fraction", "prompt_room_percentile")
+SPLITS = ("test", "validation", "train")
 
 
 @dataclasses.dataclass
@@ -61,14 +67,16 @@ def load_model(mc, mesh) -> Loaded:
 
         if mc.adapter:
             raise ValueError("config.model.adapter is for config.model.path, not a workdir")
-        model, meta, step = load_trained(mc.workdir, mc.step, dtype=mc.dtype or None,
+        step, chosen = checkpoint_step(mc.workdir, mc.step)
+        model, meta, step = load_trained(mc.workdir, step, dtype=mc.dtype or None,
                                          mesh=mesh)
         run = ml_collections.ConfigDict(meta["config"])
         base = meta["lora"]["base_model_path"]
         tok = mc.tokenizer or tokenizer_path(run, base)
         info = {"kind": "workdir", "workdir": os.path.abspath(mc.workdir), "step": int(step),
-                "base_model_path": base, "lora": {k: meta["lora"].get(k) for k in
-                                                  ("rank", "alpha", "targets", "rslora")}}
+                "selected_by": chosen, "base_model_path": base,
+                "lora": {k: meta["lora"].get(k) for k in ("rank", "alpha", "targets",
+                                                          "rslora")}}
         return Loaded(model, load_tokenizer(tok), run, info)
     from xft_jax.quantization import QuantConfig
 
@@ -85,6 +93,19 @@ def load_model(mc, mesh) -> Loaded:
         lora_lib.load_peft_adapter(model, mc.adapter, mesh)
         info.update(kind="base+adapter", adapter=os.path.abspath(mc.adapter))
     return Loaded(model, load_tokenizer(mc.tokenizer or mc.path), None, info)
+
+
+def checkpoint_step(workdir: str, step: int | None) -> tuple[int | None, str]:
+    """(step to load, how it was chosen): the given step, else the run's best-validation
+    step, else its latest (None) when it recorded no validation curve."""
+    from xft_jax.training import selection
+
+    if step is not None:
+        return int(step), "config.model.step"
+    best = selection.selected_step(workdir)
+    if best is None:
+        return None, "latest checkpoint (the run recorded no validation curve)"
+    return best, f"best validation accuracy ({selection.VALIDATION_FILE})"
 
 
 def resolve_data(dc, run_config) -> ml_collections.ConfigDict:
@@ -113,22 +134,21 @@ def eval_batches(d, tokenizer, batch_size: int):
     prompt is cut as in training (``data.prompt_room``, the run's own by default), so an
     example is scored on the prompt the run would have trained on."""
     from xft_jax.data import pipeline
-    from xft_jax.training.data import explanation_vocab, prompt_room
+    from xft_jax.training.data import build_splits, explanation_vocab, prompt_room, target_room
 
-    splits = pipeline.build_datasets(d.source, d.path or None, num_train=d.num_train,
-                                     num_test=d.num_test, seed=int(d.seed),
-                                     num_synthetic=d.num_synthetic)
-    if d.split not in ("train", "test"):
-        raise ValueError(f"config.data.split={d.split!r}: expected 'train' or 'test'")
+    if d.split not in SPLITS:
+        raise ValueError(f"config.data.split={d.split!r}: expected one of {SPLITS}")
+    splits = build_splits(d)
     examples = list(getattr(splits, d.split))[:d.max_examples]
     if not examples:
         raise ValueError(f"{splits.origin}: the {d.split} split is empty")
     room = prompt_room(d)
-    vocab = explanation_vocab(splits, d.axis, room)
+    vocab = explanation_vocab(splits, d.axis, (d.target, *room))
+    troom = target_room(d, splits, tokenizer, vocab)
     batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), prompt_room=room, vocab=vocab,
-                                    train=False, process_index=0,
+                                    target_room=troom, train=False, process_index=0,
                                     process_count=1, sort_by_length=True,
                                     buckets=pipeline.length_buckets(int(d.max_len)))
     if batches.stats.kept == 0:
@@ -138,6 +158,7 @@ def eval_batches(d, tokenizer, batch_size: int):
             f"--config.data.max_len")
     info = {"origin": splits.origin, "split": d.split, "examples": len(examples),
             "encode": batches.stats.to_dict(), "scored_target": SCORED_TARGET,
+            "target_room": troom,
             **{k: d[k] for k in DATA_KEYS}}
     return batches, info
 

@@ -20,7 +20,8 @@ from xft_jax.training.export_run import export_run as export  # noqa: F401
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.")
 _FORMAT = flags.DEFINE_enum("format", "peft", ["peft", "merged"], "Export format.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the one the run "
+                             "selected on validation, else the latest).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Base dtype for the merge / saved weights "
                              "(default: the run's model.dtype).")
 flags.mark_flags_as_required(["workdir", "out"])

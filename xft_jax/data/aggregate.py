@@ -1,8 +1,8 @@
 """Turns an ensemble's answers for one item and axis into an ``AxisRating``.
 
 The paper averages 12 scores per item and axis (3 annotators x 4 prompt variants, on
-1-4 and 1-5 scales). 1-4 scores are mapped linearly onto 1-5 (1->1, 4->5) before
-averaging; the label is the mean rounded half-up and clipped to 1..5. Median, majority
+1-4 and 1-5 scales). 1-4 scores are mapped onto 1-5 by the rubric's anchors (the 1..5
+score whose descriptor the 1..4 prompt showed: 1->1, 2->2, 3->4, 4->5) before averaging; the label is the mean rounded half-up and clipped to 1..5. Median, majority
 and agreement are kept so a reader can see how contested a label was. Used by the real
 annotation run and by the synthetic corpus alike, so both share one definition.
 """
@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
+from xft_jax.data.rubrics import SCALE4_ANCHORS
 from xft_jax.data.schema import AXES, MAX_LABEL, MIN_LABEL, AxisRating, RatedExample
 
 
@@ -36,12 +37,13 @@ class ScoredAnswer:
 
 
 def rescale(score: int, scale: int) -> float:
-    """Maps an integer score on 1..scale linearly onto 1..5."""
+    """Maps an integer score on 1..scale onto 1..5: a 1..4 score to the 1..5 level whose
+    descriptor it was shown with (``rubrics.SCALE4_ANCHORS``)."""
     if scale not in (4, 5):
         raise ValueError(f"scale must be 4 or 5, got {scale}")
     if isinstance(score, bool) or int(score) != score or not 1 <= score <= scale:
         raise ValueError(f"score {score!r} is not an integer in 1..{scale}")
-    return 1.0 + (score - 1) * (MAX_LABEL - MIN_LABEL) / (scale - 1)
+    return float(score if scale == 5 else SCALE4_ANCHORS[int(score) - 1])
 
 
 def round_half_up(x: float) -> int:

@@ -8,12 +8,15 @@ rubric, the context turns, the response + question) so the context can be cut fr
 left, token-exactly, when the whole does not fit ``max_len``; the response and the target
 are never cut. Tokenizers with a chat template get the prompt as one user message.
 
-How much of the context is cut depends on the room left for the target. With
-``prompt_room`` (the study's variants, by default), each example's prompt leaves room
-for its longest target among those variants, so every run of them trains (and is scored)
-on the same prompts and keeps the same examples: the variants then differ only in their
-target, which is what the study compares. Without it, a longer target cuts its own prompts
-more, so explanation runs would see less context than label-only runs.
+How much of the context is cut depends on the room left for the target. The study gives
+every example the same room (``target_room``: a high percentile of the training split's
+longest target among the study's variants): a prompt is then cut to the same length
+whatever its own target, so a cut prompt's length carries nothing about its gold label
+(an explanation's length goes with its label), and every variant trains and is scored on
+the same prompts and keeps the same examples, so variants differ only in their target. A
+target longer than the room loses its tail (the label always stays).
+Without ``target_room``, each example's prompt leaves room for its own longest target
+among ``prompt_room`` variants (or its own target), which lets the cut encode the label.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from xft_jax.data.targets import (LABEL_PREFIX, TARGET_VARIANTS, ExplanationVoca
                                   make_target)
 
 SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "label_mask")
+ROOM_PERCENTILE = 99.0  # default percentile of the training targets' length for the room
 
 
 def prompt_parts(example: RatedExample, axis: str) -> tuple[str, str, str]:
@@ -82,6 +86,8 @@ class EncodeStats:
     max_tokens: int = 0
     mean_target_tokens: float = 0.0
     prompt_room: list = dataclasses.field(default_factory=list)
+    target_room: int | None = None
+    target_cut: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,11 +97,14 @@ class Encoder:
     """Encodes ``RatedExample``s for one axis and target variant at a fixed ``max_len``.
 
     prompt_room: target variants each prompt leaves room for besides ``variant`` (see the
-    module doc); ``random_vocab`` among them needs ``vocab``.
+    module doc); ``random_vocab`` among them needs ``vocab``. target_room: the same room
+    (in target tokens, eos not counted) for every example (``target_room``); it replaces
+    the per-example room of ``prompt_room``.
     """
 
     def __init__(self, tokenizer, *, axis: str, variant: str, max_len: int, seed: int = 0,
-                 vocab: ExplanationVocab | None = None, prompt_room: Sequence[str] = ()):
+                 vocab: ExplanationVocab | None = None, prompt_room: Sequence[str] = (),
+                 target_room: int | None = None):
         self.tok = tokenizer
         self.axis, self.variant = check_axis(axis), variant
         self.max_len, self.seed, self.vocab = int(max_len), seed, vocab
@@ -109,6 +118,11 @@ class Encoder:
         self.prompt_room = tuple(dict.fromkeys(v for v in prompt_room if v != variant))
         self.label_ids = label_token_ids(tokenizer)
         self.prefix_ids = tokenizer(LABEL_PREFIX + "1", add_special_tokens=False)["input_ids"][:-1]
+        if target_room is not None and not len(self.prefix_ids) < int(target_room) < max_len:
+            raise ValueError(f"target_room={target_room}: must leave room for the label "
+                             f"({len(self.prefix_ids) + 1} tokens) and be below "
+                             f"max_len={max_len}")
+        self.target_room = None if target_room is None else int(target_room)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no eos token; targets must end with one")
         self.eos = int(tokenizer.eos_token_id)
@@ -148,12 +162,19 @@ class Encoder:
         tgt_texts = [make_target(ex, self.axis, self.variant, seed=self.seed, vocab=self.vocab)
                      for ex in examples]
         tgt_ids = self._ids(tgt_texts)
-        room = self._room(examples, [len(t) for t in tgt_ids])
+        if self.target_room is None:
+            room = self._room(examples, [len(t) for t in tgt_ids])
+        else:
+            room = [self.target_room] * len(examples)
         stats.prompt_room = [self.variant, *self.prompt_room]
+        stats.target_room = self.target_room
         out, lengths, tlens = [], [], []
         for i, ex in enumerate(examples):
             label = ex.label(self.axis)
             target = tgt_ids[i] + [self.eos]
+            if len(target) > room[i] + 1:       # only with target_room: cut the tail
+                target = target[:room[i] + 1]
+                stats.target_cut += 1
             want = self.prefix_ids + [self.label_ids[label - 1]]
             if target[:len(want)] != want:
                 raise ValueError(
@@ -205,3 +226,25 @@ class Encoder:
         return {"input_ids": seq[:-1], "targets": seq[1:], "loss_mask": loss_mask,
                 "label_mask": label_mask, "label": np.int32(label - 1),
                 "label_pos": np.int32(label_pos), "index": np.int32(index)}
+
+
+def target_room(examples: Sequence[RatedExample], tokenizer, *, axis: str,
+                variants: Sequence[str], percentile: float, seed: int = 0,
+                vocab: ExplanationVocab | None = None) -> int:
+    """The one target room (tokens, eos not counted) every prompt leaves: the
+    ``percentile`` of the longest target among ``variants`` over ``examples`` (the
+    training split; never validation or test examples)."""
+    if not examples:
+        raise ValueError("target_room needs training examples")
+    if not 0.0 < float(percentile) <= 100.0:
+        raise ValueError(f"data.prompt_room_percentile={percentile}: expected (0, 100]")
+    unknown = [v for v in variants if v not in TARGET_VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"target_room: variants {list(variants)}; expected some of "
+                         f"{TARGET_VARIANTS}")
+    longest = np.zeros(len(examples), np.int64)
+    for v in dict.fromkeys(variants):
+        texts = [make_target(ex, axis, v, seed=seed, vocab=vocab) for ex in examples]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        longest = np.maximum(longest, [len(t) for t in ids])
+    return int(np.percentile(longest, float(percentile), method="higher"))

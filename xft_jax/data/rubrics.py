@@ -31,6 +31,9 @@ _LEVELS_5 = {
 
 # The 1..4 scale drops the middle level (forcing a side), as 4-point Likert scales do.
 _LEVELS_4_INDEX = (0, 1, 3, 4)
+# The 1..5 score whose descriptor each 1..4 score shows: a 4-point answer means what its
+# rubric line says, so "3" (mostly fluent, minor slips) is a 5-point 4, not 3.67.
+SCALE4_ANCHORS = tuple(i + 1 for i in _LEVELS_4_INDEX)
 
 
 def question(axis: str) -> str:

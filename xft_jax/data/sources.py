@@ -1,8 +1,10 @@
-"""Adapters from the paper's six public sources (plus ``synthetic``) to ``Conversation``s.
+"""Adapters from the paper's six public sources (plus ``chitchat`` and ``synthetic``) to
+``Conversation``s.
 
 Each adapter reads its source's own row schema, from the Hugging Face Hub through
-``datasets.load_dataset`` when no path is given, or from local files in the same schema
-(json/jsonl/parquet/csv, a TFDS builder directory, or Cornell's raw ``movie_*.txt``).
+``datasets.load_dataset`` when no path is given (``chitchat``: the ``chitchat-dataset``
+package's own JSON file), or from local files in the same schema (json/jsonl/parquet/csv,
+a TFDS builder directory, or Cornell's raw ``movie_*.txt``).
 Ids are deterministic: the source's own key where it has one, else a content hash.
 Items that share a prompt get ids ``<group>#<k>`` so the hashed split keeps them
 together (see ``splits.py``).
@@ -25,7 +27,17 @@ from typing import Callable, Iterable, Iterator
 from xft_jax.data.readers import DataError, ErrorPolicy, LoadReport, RowError, iter_rows
 from xft_jax.data.schema import Conversation, SchemaError
 
-Item = Conversation | RowError
+
+
+@dataclasses.dataclass(frozen=True)
+class NotRateable:
+    """A well-formed row that holds nothing to rate (e.g. a chat nobody answered): counted
+    as skipped with ``reason`` whatever the error policy, never dropped silently."""
+
+    reason: str
+
+
+Item = Conversation | RowError | NotRateable
 
 
 def _hash(*parts: str) -> str:
@@ -254,6 +266,89 @@ def _cornell_raw_rows(directory: str, policy: ErrorPolicy) -> Iterator[tuple[str
             yield where, {"key": f"{parts[2]}:{ids[0]}", "lines": [lines[i] for i in ids]}
 
 
+# --- chitchat: BYU Chit-Chat Challenge (the ``chitchat-dataset`` package, MIT) --------------
+
+def chitchat(row: dict) -> list[Item]:
+    """One item per chat: the earlier turns are context, the last turn the response.
+
+    A row is one chat as the package stores it, ``{"messages": [[{"text", "sender", ...},
+    ...], ...]}`` plus its ``id`` (the package's key): a turn is one sender's consecutive
+    messages, joined by spaces. Speakers are named "A" and "B" in order of appearance.
+    A chat in which only one person wrote holds no reply, and one with a turn of blank
+    messages only has a gap no rater can judge: both are ``NotRateable`` (the package
+    holds 3,150 and 10 of them), counted and named in the load report.
+    """
+    key = _text(row, "id")
+    turns = []
+    senders: dict[str, str] = {}
+    for i, turn in enumerate(_list(row, "messages")):
+        if not isinstance(turn, (list, tuple)) or not turn:
+            raise RowError(f"wrong type: messages[{i}] must be a non-empty list of messages")
+        texts, who = [], set()
+        for j, m in enumerate(turn):
+            if not isinstance(m, dict):
+                raise RowError(f"wrong type: messages[{i}][{j}] must be an object")
+            texts.append(_text(m, "text", where=f"messages[{i}][{j}].").strip())
+            who.add(_text(m, "sender", where=f"messages[{i}][{j}]."))
+        if len(who) != 1:
+            raise RowError(f"invalid item: messages[{i}] mixes senders {sorted(who)}")
+        sender = who.pop()
+        if sender not in senders:
+            if len(senders) == 2:
+                raise RowError(f"invalid item: messages[{i}] has a third sender")
+            senders[sender] = "AB"[len(senders)]
+        turns.append((senders[sender], " ".join(t for t in texts if t)))
+    if len(senders) < 2:
+        return [NotRateable(f"no reply: only one person wrote in chat {key}")]
+    blank = [i for i, (_, text) in enumerate(turns) if not text]
+    if blank:
+        return [NotRateable(f"blank turn: messages{blank} of chat {key} hold only empty "
+                            f"messages")]
+    return [_conv(f"chitchat:{key}", "chitchat", turns[:-1], turns[-1][1])]
+
+
+def chitchat_package_file() -> str:
+    """The JSON file inside the installed ``chitchat-dataset`` wheel."""
+    try:
+        import chitchat_dataset
+    except ImportError:
+        raise DataError("chitchat: the chitchat-dataset package is not installed "
+                        "(pip install chitchat-dataset), or pass a path") from None
+    return os.path.join(os.path.dirname(os.path.abspath(chitchat_dataset.__file__)),
+                        "dataset.json")
+
+
+def _chitchat_rows(path: str, policy: ErrorPolicy) -> Iterator[tuple[str, dict]]:
+    """Rows of the package's layout: one JSON object mapping chat id -> chat."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        policy.report.rows += 1
+        policy.fail(f"{path}:1", f"not valid UTF-8: byte 0x{data[e.start]:02x} "
+                                 f"(whole file unreadable)")
+        return
+    except json.JSONDecodeError as e:
+        policy.report.rows += 1
+        policy.fail(f"{path}:{e.lineno}", f"malformed JSON: {e.msg} at column {e.colno} "
+                                          "(whole file unreadable)")
+        return
+    if not isinstance(doc, dict):
+        policy.report.rows += 1
+        policy.fail(f"{path}:1", "wrong type: expected a JSON object mapping chat id -> "
+                                 "chat (the chitchat-dataset layout)")
+        return
+    for key, chat in doc.items():
+        where = f"{path}:chat {key}"
+        if not isinstance(chat, dict):
+            policy.report.rows += 1
+            policy.fail(where, f"wrong type: expected a JSON object, got "
+                               f"{type(chat).__name__}")
+            continue
+        yield where, {**chat, "id": key}
+
+
 # --- registry and loader -------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +373,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("coqa", "stanfordnlp/coqa", coqa, "CoQA: story with question/answer history"),
     Source("cornell_movie", "cornell_movie_dialog", cornell_movie,
            "Cornell Movie-Dialogs: consecutive lines of one conversation"),
+    Source("chitchat", None, chitchat,
+           "BYU Chit-Chat Challenge human-human chats (chitchat-dataset package)"),
     Source("synthetic", None, lambda row: [], "generated offline, see synthetic.py"),
 )}
 
@@ -317,7 +414,9 @@ def _tfds_rows(directory: str, split: str) -> Iterator[tuple[str, dict]]:
 
 def _rows(src: Source, path: str | None, split: str, policy: ErrorPolicy):
     tfds_dir = _tfds_version_dir(path, src.name) if path and os.path.isdir(path) else None
-    if path is None:
+    if src.name == "chitchat" and (path is None or path.endswith(".json")):
+        rows = _chitchat_rows(chitchat_package_file() if path is None else path, policy)
+    elif path is None:
         rows = _hub_rows(src, split)
     elif tfds_dir is not None:
         rows = _tfds_rows(tfds_dir, split)
@@ -358,6 +457,8 @@ def iter_source(name: str, path: str | None = None, *, on_error: str = "raise",
         for item in items:
             if isinstance(item, RowError):
                 policy.fail(where, str(item))
+            elif isinstance(item, NotRateable):
+                policy.report.add_skip(where, item.reason)
             elif item.id in seen:
                 if seen[item.id] != item:
                     policy.fail(where, f"duplicate id: {item.id} with different content")
@@ -374,7 +475,8 @@ def load_source(name: str, path: str | None = None, limit: int | None = None,
                 split: str = "train") -> list[Conversation]:
     """Reads up to ``limit`` conversations of source ``name``.
 
-    ``path``: None reads the Hub dataset (``split``); a file or directory reads local
+    ``path``: None reads the Hub dataset (``split``; for ``chitchat`` the installed
+    package's file); a file or directory reads local
     rows in the source's schema; a TFDS dataset directory, or a TFDS data_dir holding
     ``<name>/<version>/`` (e.g. a prepared ``coqa``), reads its ``split``.
     ``on_error``: "raise" stops at the first bad row with ``DataError("file:line: why")``;

@@ -1,13 +1,18 @@
-"""Train/test splits by hashed id, per-source sampling, and loading rated splits for training.
+"""Train/validation/test splits by hashed id, per-source sampling, and loading rated
+splits for training.
 
 An item's split depends only on its id (its group: the part before '#', so the two
 Chatbot Arena responses to one prompt, or all answers to one AmazonQA question, land
 together), never on the order or number of rows read, so it never changes between runs.
 Sampling takes the items with the smallest second hash, so growing a source only adds
-items to a sample in the order that hash gives them.
+items to a sample in the order that hash gives them. The validation split is carved from
+the sampled training split by a third hash (``validation_fraction`` of its id groups): it
+is what a run selects its checkpoint on, so the test split is read by the final
+evaluation only.
 
     build_datasets(source, path=None, *, num_train=None, num_test=None, seed=0,
-                   num_synthetic=None) -> DatasetSplits(train, test, source, origin)
+                   num_synthetic=None, validation_fraction=0.0)
+        -> DatasetSplits(train, test, source, origin, validation)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from xft_jax.data.schema import RatedExample, SchemaError
 
 T = TypeVar("T")
 TEST_FRACTION = 1 / 3  # the paper's 10,000 train / 5,000 test
+VALIDATION_FRACTION = 0.1  # of the training split, for checkpoint selection
 PAPER_NUM_TRAIN, PAPER_NUM_TEST = 10_000, 5_000
 
 
@@ -37,6 +43,24 @@ def _unit(salt: str, key: str) -> float:
 def split_of(item_id: str, test_fraction: float = TEST_FRACTION) -> str:
     """'test' for a fixed ``test_fraction`` of id groups, 'train' for the rest."""
     return "test" if _unit("xft_jax/split", split_key(item_id)) < test_fraction else "train"
+
+
+def is_validation(item_id: str, fraction: float) -> bool:
+    """Whether a training item belongs to the validation split carved from it; depends on
+    its id group only, independently of the train/test hash."""
+    return _unit("xft_jax/validation", split_key(item_id)) < fraction
+
+
+def carve_validation(train: Sequence[T], fraction: float,
+                     key: Callable[[T], str] = lambda x: x.id) -> tuple[list[T], list[T]]:
+    """(train, validation): ``fraction`` of the training id groups, by hashed id, in the
+    order given."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.validation_fraction={fraction}: expected a number in [0, 1)")
+    rest, val = [], []
+    for item in train:
+        (val if is_validation(key(item), fraction) else rest).append(item)
+    return rest, val
 
 
 def sample_split(items: Sequence[T], num_train: int | None = None, num_test: int | None = None,
@@ -72,12 +96,13 @@ def write_rated_jsonl(path: str, examples: Sequence[RatedExample]) -> None:
 
 @dataclasses.dataclass
 class DatasetSplits:
-    """Rated train and test examples of one source, and where they came from."""
+    """Rated train, validation and test examples of one source, and where they came from."""
 
     train: list[RatedExample]
     test: list[RatedExample]
     source: str
     origin: str
+    validation: list[RatedExample] = dataclasses.field(default_factory=list)
 
 
 def _jsonl_dir(path: str, source: str) -> str | None:
@@ -90,8 +115,11 @@ def _jsonl_dir(path: str, source: str) -> str | None:
 def build_datasets(source: str, path: str | None = None, *, num_train: int | None = None,
                    num_test: int | None = None, seed: int = 0,
                    num_synthetic: int | None = None,
-                   test_fraction: float = TEST_FRACTION) -> DatasetSplits:
-    """Train/test RatedExamples of ``source`` for a training run (``data.source/path``).
+                   test_fraction: float = TEST_FRACTION,
+                   validation_fraction: float = 0.0) -> DatasetSplits:
+    """Train/validation/test RatedExamples of ``source`` for a training run
+    (``data.source/path``). The validation split is carved from the ``num_train`` sampled
+    training examples (``carve_validation``), so ``train`` holds the rest.
 
     ``synthetic`` without a path generates ``num_synthetic`` items (default 3000) with
     ``seed`` and splits them by hashed id. Otherwise ``path`` is what
@@ -106,8 +134,9 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
 
         n = synthetic.DEFAULT_NUM_ITEMS if num_synthetic is None else num_synthetic
         parts = sample_split(synthetic.generate(n, seed), num_train, num_test, test_fraction)
-        return DatasetSplits(parts["train"], parts["test"], source, f"synthetic(n={n}, "
-                                                                     f"seed={seed})")
+        train, val = carve_validation(parts["train"], validation_fraction)
+        return DatasetSplits(train, parts["test"], source, f"synthetic(n={n}, seed={seed})",
+                             val)
     if path is None:
         raise DataError(f"{source}: data.path is required (the output of xft_jax.annotate)")
     if not os.path.isdir(path):
@@ -128,7 +157,8 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
                             f"not {source!r}")
     train.sort(key=lambda x: (_unit("xft_jax/sample", x.id), x.id))
     test.sort(key=lambda x: (_unit("xft_jax/sample", x.id), x.id))
-    return DatasetSplits(train[:num_train], test[:num_test], source, origin)
+    train, val = carve_validation(train[:num_train], validation_fraction)
+    return DatasetSplits(train, test[:num_test], source, origin, val)
 
 
 def _records(ds):

@@ -25,8 +25,10 @@ import numpy as np
 from xft_jax.data.schema import AXES, RatedExample, check_axis
 
 TARGET_VARIANTS = ("label_only", "explanation", "shuffled", "bag_of_words", "random_vocab")
-# The variants the paper compares; by default every prompt leaves room for their targets.
-PAPER_VARIANTS = ("label_only", "explanation", "shuffled", "bag_of_words")
+# The variants the paper compares (label only, label + explanation, and the three
+# pseudo-explanations: shuffled words, a bag of words, random explanation-vocabulary
+# tokens): the study's default grid; every prompt leaves room for their targets.
+PAPER_VARIANTS = TARGET_VARIANTS
 LABEL_PREFIX = "Rating: "
 EXPLANATION_PREFIX = "\nExplanation: "
 

@@ -84,6 +84,20 @@ def majority_rates(sweep_dir: str, cells) -> dict[str, float]:
     return rates
 
 
+def selected_steps(sweep_dir: str, cells) -> list[str]:
+    """One line per run: the step selected on validation and its validation accuracy."""
+    from xft_jax.training import selection
+
+    out = []
+    for cell in cells:
+        doc = selection.read(os.path.join(sweep_dir, cell.rel, "train"))
+        if doc is not None and doc.get("best_step") is not None:
+            out.append(f"{cell.variant} seed {cell.seed}: step {doc['best_step']} of "
+                       f"{doc['curve'][-1]['step']} (validation accuracy "
+                       f"{doc['best_accuracy']:.3f})")
+    return out
+
+
 def run_demo(c, log=print) -> dict:
     t0 = time.time()
     out = os.path.abspath(c.out)
@@ -126,6 +140,10 @@ def run_demo(c, log=print) -> dict:
     extra = ["", "## Baselines and timing", ""]
     extra += [f"- majority-class rate on the evaluated {axis} examples: {r:.3f}"
               for axis, r in majority.items()]
+    steps = selected_steps(sweep_dir, cells)
+    if steps:
+        extra += ["- checkpoints scored on test, selected by validation accuracy: "
+                  + "; ".join(steps)]
     extra += [f"- base model pre-training: LM loss {pre['first_loss']:.2f} -> "
               f"{pre['last_loss']:.2f} ({recipe.steps} steps; cached after the first run)",
               f"- wall time: {time.time() - t0:.0f} s (of which pre-training or cache check "

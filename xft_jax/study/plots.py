@@ -52,7 +52,7 @@ def difference_intervals(data: dict, settings, variants, path: str) -> None:
     ax.axvline(0.0, color="k", lw=0.8)
     ax.set_yticks(ticks)
     ax.set_yticklabels(labels, fontsize=6)
-    ax.set_xlabel(f"accuracy difference to {BASELINE} (95% paired bootstrap CI)")
+    ax.set_xlabel(f"accuracy difference to {BASELINE} (95% paired hierarchical bootstrap CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

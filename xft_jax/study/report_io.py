@@ -34,7 +34,8 @@ def write_report(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Seq
              f"found in {sweep_dir}", "",
              f"Seeds: {list(seeds)}. Cells: mean ± std over seeds; 'missing' = no finished run.",
              "", "## Accuracy", "", tables.markdown_table(data, "accuracy", settings, variants),
-             "", f"## Accuracy difference to {tables.BASELINE} (paired bootstrap 95% CI)", "",
+             "", f"## Accuracy difference to {tables.BASELINE} (paired hierarchical bootstrap, "
+             f"Holm-corrected)", "",
              tables.markdown_diffs(data, settings, variants)]
     for m in tables.TABLE_METRICS[1:]:
         parts += ["", f"## {m}", "", tables.markdown_table(data, m, settings, variants)]

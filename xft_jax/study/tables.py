@@ -1,9 +1,11 @@
 """The paper's results tables from a sweep directory.
 
 Rows are the source x axis settings, columns the target variants, cells mean +- std over
-seeds. Each variant is compared with ``label_only`` by a paired bootstrap over test
-examples (the same resampled examples for both variants and every seed), which gives a 95%
-interval for the difference of seed-averaged accuracy. A missing cell stays missing.
+seeds. Each variant is compared with ``label_only`` by a paired hierarchical bootstrap
+(seeds, then test examples within them; ``bootstrap.py``), which gives a 95% interval and
+a p-value for the difference of accuracy; a variant's wins over ``label_only`` are counted
+as they are and after Holm's correction across the settings compared. A missing cell
+stays missing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from xft_jax.study import bootstrap
 from xft_jax.study.grid import Cell
 
 TABLE_METRICS = ("accuracy", "qwk", "macro_f1", "ece")
@@ -66,48 +69,36 @@ def mean_std(values: Sequence[float]) -> tuple[float, float] | None:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
-def paired_bootstrap(base: list[dict[str, float]], other: list[dict[str, float]],
-                     n_boot: int = 2000, seed: int = 0) -> dict | None:
-    """Difference of seed-averaged accuracy (other - base) with a 95% percentile interval,
-    resampling the examples common to every run of both variants."""
-    if not base or not other:
-        return None
-    ids = sorted(set.intersection(*[set(r) for r in base + other]))
-    if not ids:
-        return None
-    b = np.mean([[r[i] for i in ids] for r in base], axis=0)
-    o = np.mean([[r[i] for i in ids] for r in other], axis=0)
-    d = o - b
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ids), size=(n_boot, len(ids)))
-    boot = d[idx].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "n_examples": len(ids), "n_seeds_base": len(base), "n_seeds_other": len(other)}
-
-
 def build_tables(results: dict[Cell, CellResult], settings: Sequence[tuple[str, str]],
-                 variants: Sequence[str], seeds: Sequence[int], n_boot: int = 2000) -> dict:
+                 variants: Sequence[str], seeds: Sequence[int], n_boot: int = 2000,
+                 alpha: float = bootstrap.ALPHA) -> dict:
     """Everything the report prints, as plain data."""
     tables = {m: {} for m in TABLE_METRICS}
     diffs: dict[str, dict] = {v: {} for v in variants if v != BASELINE}
     for s in settings:
+        base = {k: results[c].correct for k in seeds
+                if (c := Cell(s[0], s[1], BASELINE, k)) in results}
         for v in variants:
-            runs = [results.get(Cell(s[0], s[1], v, k)) for k in seeds]
-            runs = [r for r in runs if r is not None]
+            runs = {k: results[c] for k in seeds if (c := Cell(s[0], s[1], v, k)) in results}
             for m in TABLE_METRICS:
-                tables[m][(s, v)] = mean_std([r.metrics.get(m) for r in runs]) if runs else None
+                tables[m][(s, v)] = (mean_std([r.metrics.get(m) for r in runs.values()])
+                                     if runs else None)
             if v != BASELINE:
-                base = [results[c].correct for c in (Cell(s[0], s[1], BASELINE, k) for k in seeds)
-                        if c in results]
-                diffs[v][s] = paired_bootstrap(base, [r.correct for r in runs], n_boot)
+                diffs[v][s] = bootstrap.paired_difference(
+                    base, {k: r.correct for k, r in runs.items()}, n_boot, alpha=alpha)
     wins = {}
     for v, per in diffs.items():
         compared = [d for d in per.values() if d is not None]
+        rejected, adjusted = bootstrap.holm([d["p_value"] for d in compared], alpha)
+        for d, r, p in zip(compared, rejected, adjusted):
+            d["p_holm"], d["significant_holm"] = p, r
         wins[v] = {"wins": sum(d["diff"] > 0 for d in compared),
                    "significant_wins": sum(d["ci_low"] > 0 for d in compared),
+                   "holm_wins": sum(d["diff"] > 0 and d["significant_holm"] for d in compared),
+                   "holm_losses": sum(d["diff"] < 0 and d["significant_holm"]
+                                      for d in compared),
                    "compared": len(compared), "settings": len(settings)}
-    return {"tables": tables, "diffs": diffs, "wins": wins}
+    return {"tables": tables, "diffs": diffs, "wins": wins, "alpha": alpha}
 
 
 # ------------------------------------------------------------------ rendering
@@ -131,16 +122,26 @@ def markdown_diffs(data: dict, settings, variants) -> str:
     rule = "|---" * (len(others) + 1) + "|"
 
     def cell(d):
-        return "missing" if d is None else f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        if d is None:
+            return "missing"
+        mark = "*" if d["significant_holm"] else ""
+        return (f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
+                f"p={d['p_value']:.3f}{mark}")
 
     rows = [f"| {s[0]} / {s[1]} | " + " | ".join(cell(data["diffs"][v].get(s)) for v in others)
             + " |" for s in settings]
-    lines = [head, rule, *rows, ""]
+    alpha = data.get("alpha", bootstrap.ALPHA)
+    lines = [head, rule, *rows, "",
+             f"Interval: {100 * (1 - alpha):.0f}% paired hierarchical bootstrap (seeds, then "
+             f"examples within them); p: two-sided bootstrap p-value; * significant after "
+             f"Holm's correction across the settings compared (family-wise {alpha:g}).", ""]
     for v in others:
         w = data["wins"][v]
-        lines.append(f"- {v} beats {BASELINE} in {w['wins']}/{w['settings']} settings "
-                     f"({w['significant_wins']} with the 95% CI above zero; "
-                     f"{w['compared']} settings had both variants)")
+        missing = (f"; {w['settings'] - w['compared']} of the {w['settings']} settings lack "
+                   f"a run of either variant" if w["compared"] < w["settings"] else "")
+        lines.append(f"- {v} beats {BASELINE} in {w['wins']}/{w['compared']} "
+                     f"({w['holm_wins']} after correction; significantly worse in "
+                     f"{w['holm_losses']} after correction{missing})")
     return "\n".join(lines)
 
 
@@ -154,7 +155,7 @@ def csv_rows(data: dict, settings, variants) -> list[dict]:
                 row[f"{m}_mean"] = "" if ms is None else ms[0]
                 row[f"{m}_std"] = "" if ms is None else ms[1]
             d = data["diffs"].get(v, {}).get(s)
-            for k in ("diff", "ci_low", "ci_high"):
+            for k in ("diff", "ci_low", "ci_high", "p_value", "p_holm"):
                 row[f"acc_{k}_vs_{BASELINE}"] = "" if d is None else d[k]
             rows.append(row)
     return rows

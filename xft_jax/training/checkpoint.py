@@ -3,7 +3,8 @@ state and LoRA metadata, one directory per step under ``<workdir>/checkpoints``.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash mid-write leaves the previous checkpoints usable; only the last ``max_to_keep``
-are kept. Saving is synchronous: when ``save`` returns, the step is on disk.
+are kept, plus a step the run protects (its best-validation checkpoint, ``protect``).
+Saving is synchronous: when ``save`` returns, the step is on disk.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 
 ITEMS = ("state", "data", "meta")
 
@@ -42,16 +44,33 @@ def _unjsonable(x: Any) -> Any:
     return x
 
 
+class _LatestAndProtected(ocp_keep.PreservationPolicy):
+    """Keeps the latest ``n`` checkpoints and the ``protected`` steps."""
+
+    def __init__(self, n: int | None):
+        self.latest = ocp_keep.LatestN(n)
+        self.protected: set[int] = set()
+
+    def should_preserve(self, checkpoints, *, context):
+        keep = self.latest.should_preserve(checkpoints, context=context)
+        return [k or c.step in self.protected for k, c in zip(keep, checkpoints)]
+
+
 class Checkpoints:
     """The run's checkpoint manager (every process calls every method)."""
 
     def __init__(self, directory: str, max_to_keep: int = 3):
         self.directory = os.path.abspath(directory)
+        self._keep = _LatestAndProtected(max_to_keep)
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+            options=ocp.CheckpointManagerOptions(preservation_policy=self._keep, create=True,
                                                  enable_async_checkpointing=False),
             item_names=ITEMS)
+
+    def protect(self, step: int | None) -> None:
+        """Keeps ``step`` (and no formerly protected one) beyond the latest ``max_to_keep``."""
+        self._keep.protected = set() if step is None else {int(step)}
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -21,24 +21,35 @@ from xft_jax.training.step import TRAIN_KEYS
 @dataclasses.dataclass
 class RunData:
     train: Any            # data.pipeline.Batches (train=True)
-    eval: Any | None      # Batches (train=False) or None
+    eval: Any | None      # Batches (train=False) over the validation split, or None
     label_token_ids: list[int]
     info: dict
+
+
+def build_splits(d):
+    """The run's train / validation / test splits (``data.*``); validation is carved from
+    the training split by hashed id (``data.validation_fraction``)."""
+    from xft_jax.data import pipeline
+
+    return pipeline.build_datasets(
+        d.source, d.get("path", None) or None, num_train=d.get("num_train", None),
+        num_test=d.get("num_test", None), seed=int(d.get("seed", 0)),
+        num_synthetic=d.get("num_synthetic", None),
+        validation_fraction=validation_fraction(d))
 
 
 def build(config, tokenizer) -> RunData:
     from xft_jax.data import pipeline
 
     d = config.data
-    splits = pipeline.build_datasets(
-        d.source, d.get("path", None) or None, num_train=d.get("num_train", None),
-        num_test=d.get("num_test", None), seed=int(d.get("seed", 0)),
-        num_synthetic=d.get("num_synthetic", None))
+    splits = build_splits(d)
     room = prompt_room(d)
     vocab = explanation_vocab(splits, d.axis, (d.target, *room))
+    troom = target_room(d, splits, tokenizer, vocab)
     common = dict(axis=d.axis, variant=d.target, max_len=int(d.max_len),
                   batch_size=int(d.batch_size), process_index=0, process_count=1,
-                  vocab=vocab, target_seed=int(d.get("seed", 0)), prompt_room=room)
+                  vocab=vocab, target_seed=int(d.get("seed", 0)), prompt_room=room,
+                  target_room=troom)
     pack = bool(d.get("pack", False))
     # Unpacked rows pad to the batch's power-of-two width, not max_len: every process
     # builds the same global batch, so all agree on the width (a few compiled shapes).
@@ -47,14 +58,54 @@ def build(config, tokenizer) -> RunData:
                                   buckets=None if pack else pipeline.length_buckets(
                                       int(d.max_len)), **common)
     ev = None
-    if int(config.train.get("eval_every", 0)) > 0 and splits.test:
-        ev = pipeline.make_batches(splits.test[:d.get("eval_examples", None)], tokenizer,
-                                   seed=0, train=False,
+    if int(config.train.get("eval_every", 0)) > 0 and splits.validation:
+        ev = pipeline.make_batches(splits.validation[:d.get("eval_examples", None)],
+                                   tokenizer, seed=0, train=False,
                                    buckets=pipeline.length_buckets(int(d.max_len)), **common)
     info = {"origin": splits.origin, "num_train": len(splits.train),
-            "num_test": len(splits.test), "train_encode": train.stats.to_dict(),
+            "num_validation": len(splits.validation), "num_test": len(splits.test),
+            "target_room": troom, "train_encode": train.stats.to_dict(),
             "train_digest": train.digest}
     return RunData(train, ev, list(train.label_token_ids), info)
+
+
+def validation_fraction(d) -> float:
+    """``data.validation_fraction``; a config without the key gets the default."""
+    from xft_jax.data.splits import VALIDATION_FRACTION
+
+    f = d.get("validation_fraction", None)
+    return VALIDATION_FRACTION if f is None else float(f)
+
+
+def target_room(d, splits, tokenizer, vocab) -> int:
+    """The one target room of every prompt (``encode.target_room``): the
+    ``data.prompt_room_percentile`` of the training split's longest target among the run's
+    own and the ``data.prompt_room`` variants. Training and evaluation both derive it
+    here, from the training split, so every split is cut alike."""
+    from xft_jax.data.encode import ROOM_PERCENTILE, target_room as room_of
+
+    pct = d.get("prompt_room_percentile", None)
+    return room_of(splits.train, tokenizer, axis=d.axis, variants=(d.target, *prompt_room(d)),
+                   percentile=ROOM_PERCENTILE if pct is None else float(pct),
+                   seed=int(d.get("seed", 0)), vocab=vocab)
+
+
+def train_steps(t, num_examples: int, batch_size: int) -> int:
+    """Optimiser steps of a run: ``train.epochs`` passes over the encoded training
+    examples (rounded down to whole batches over all epochs); ``train.steps``, when set,
+    replaces them (short test and smoke runs)."""
+    epochs, steps = t.get("epochs", None), t.get("steps", None)
+    if steps is not None:
+        return int(steps)
+    if epochs is None:
+        raise ValueError("set config.train.epochs (or config.train.steps)")
+    if float(epochs) <= 0:
+        raise ValueError(f"config.train.epochs={epochs}: must be positive")
+    out = int(float(epochs) * num_examples // batch_size)
+    if out < 1:
+        raise ValueError(f"config.train.epochs={epochs} of {num_examples} training examples "
+                         f"at data.batch_size={batch_size} is less than one step")
+    return out
 
 
 def prompt_room(d) -> tuple[str, ...]:

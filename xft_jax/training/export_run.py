@@ -15,7 +15,8 @@ FORMATS = ("peft", "merged")
 
 def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
                dtype: str | None = None) -> str:
-    """Writes the run's checkpoint ``step`` (default latest) to ``out``.
+    """Writes the run's checkpoint ``step`` to ``out``; by default the step the run
+    selected on validation (``training.selection``), else its latest.
 
     peft: adapter_config.json + adapter_model.safetensors (+ our metadata), for
       ``peft.PeftModel.from_pretrained(base, out)``.
@@ -25,10 +26,13 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
     import jax.numpy as jnp
 
     from xft_jax import lora as lora_lib
+    from xft_jax.training import selection
     from xft_jax.training.restore import load_trained
 
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+    if step is None:
+        step = selection.selected_step(workdir)
     model, meta, step = load_trained(workdir, step, dtype=dtype, dense=True)
     base_path = meta["lora"]["base_model_path"]
     if fmt == "peft":

@@ -58,7 +58,8 @@ def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None
         lora = model.lora_params()
         rep = NamedSharding(mesh, P())
         lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
-        tx, _ = optim.make_optimizer(config.optim, int(config.train.steps))
+        tx, _ = optim.make_optimizer(config.optim, int(meta.get("steps")
+                                                        or config.train.steps))
         opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
         opt_abs = jax.eval_shape(tx.init, lora)
         abstract = {"lora": abstract_like(lora, lora_sh),

@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 # Keys that change how a run is executed or where its inputs live, not what it computes:
-# layout on devices, logging/checkpoint/eval cadence, kernels and recomputation, the
-# loss's chunking, and paths (a moved base model or data file is checked by content where
-# that is cheap: the data by its digest).
+# layout on devices, logging/checkpoint cadence, kernels and recomputation, the loss's
+# chunking, and paths (a moved base model or data file is checked by content where that
+# is cheap: the data by its digest). The validation cadence and size are not among them:
+# they decide which checkpoint is the run's result.
 OPERATIONAL_KEYS = (
     "mesh", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.eval_every", "train.eval_batches", "data.eval_examples", "train.ce_chunk",
-    "model.remat", "model.attention_impl", "model.path", "model.tokenizer", "data.path")
+    "train.ce_chunk", "model.remat", "model.attention_impl", "model.path",
+    "model.tokenizer", "data.path")
 LOCATION_KEYS = ("model.path", "model.tokenizer", "data.path")
 # The same for an evaluation / probe config (configs/eval.py).
 EVAL_OPERATIONAL_KEYS = ("mesh", "model.workdir", "model.path", "model.adapter",

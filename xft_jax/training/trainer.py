@@ -5,6 +5,11 @@ reproducibility: the run key is made from ``train.seed`` before any parameter ex
 the LoRA init and the dropout stream are both derived from it. A restart with the same
 workdir restores LoRA params, optimiser state, step, RNG and the data-iterator position
 from the latest checkpoint, and continues exactly where the checkpoint was taken.
+
+The run lasts ``train.epochs`` passes over its training split (or ``train.steps``). Every
+``train.eval_every`` steps, and at the last, it scores the validation split (never test)
+and saves a checkpoint; the one with the best validation accuracy is kept and recorded in
+``<workdir>/validation.json`` with the curve (``training.selection``), for the evaluator.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
-from xft_jax import atomic, sharding
+from xft_jax import atomic, scoring, sharding
 from xft_jax.models import attention, hf_io
 from xft_jax.models.tokenizer import load_tokenizer
 from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim, run_identity
+from xft_jax.training import selection
 from xft_jax.training.checkpoint import Checkpoints
 from xft_jax.training.metrics_log import RunLogger
 from xft_jax.training.step import (StepConfig, abstract_like, batch_shardings, jit_step,
@@ -169,7 +175,6 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
         resumed_meta.get("config"), json.loads(config.to_json_best_effort()), where)
     save_config(config, workdir)
     t = config.train
-    steps = int(t.steps)
     mesh = make_mesh(config, devices)
     scfg = step_config(config)
     _check_batch(config, scfg, mesh)
@@ -186,11 +191,12 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     run_data = data_lib.build(config, tokenizer)
     if latest is not None:
         run_identity.check_resume_data(resumed_meta.get("data"), run_data.info, where)
+    steps = data_lib.train_steps(t, run_data.train.stats.kept, int(config.data.batch_size))
     model = load_base(config, base_path, mesh)
     lcfg = lora_lib.LoRAConfig.from_config(config.lora)
     lora_lib.attach(model, lcfg, lora_key, mesh)
     meta = {"lora": lora_lib.metadata(model.config, lcfg, base_path),
-            "config": json.loads(config.to_json_best_effort())}
+            "config": json.loads(config.to_json_best_effort()), "steps": steps}
     opts = model.forward_options()
     base = model.params()
     lora = model.lora_params()
@@ -224,6 +230,14 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
         lora, opt_state, rng = state["lora"], state["opt_state"], state["rng"]
         start = int(state["step"])
         it.set_state(data_state)
+    # The validation curve up to the restored step (a later point was never saved with
+    # its state); its best checkpoint stays protected from deletion.
+    curve = selection.ValidationCurve.from_dict(
+        old_meta.get("validation") if latest is not None else None)
+    best = curve.best
+    ckpts.protect(None if best is None else best["step"])
+    if jax.process_index() == 0 and curve.points:
+        selection.write(workdir, curve)
 
     step_fn, eval_fn = _jitted(model.config, opts, scfg, mesh, lcfg, config.optim.to_json(),
                                steps, tx, lora_sh, opt_sh, base_sh)
@@ -237,8 +251,15 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     enc = run_data.train.stats
     logger.write(f"data: {run_data.info['origin']}, {enc.kept} of {enc.total} training "
                  f"examples encoded ({enc.truncated} with their context cut, {enc.dropped} "
-                 f"dropped as longer than data.max_len={config.data.max_len}; prompts leave "
-                 f"room for the targets of {', '.join(enc.prompt_room)})")
+                 f"dropped as longer than data.max_len={config.data.max_len}; every prompt "
+                 f"leaves {enc.target_room} target tokens, the "
+                 f"{config.data.get('prompt_room_percentile', None) or 'default'} percentile "
+                 f"of the training split's longest target of {', '.join(enc.prompt_room)}; "
+                 f"{enc.target_cut} training targets lost their tail to it); "
+                 f"{run_data.info['num_validation']} validation examples; {steps} steps ("
+                 + ("train.steps" if t.get("steps", None) is not None else
+                    f"{t.get('epochs')} epochs at data.batch_size={config.data.batch_size}")
+                 + ")")
     if enc.dropped > 0.1 * enc.total:
         logger.write(f"WARNING: {enc.dropped} of {enc.total} training examples do not fit "
                      f"data.max_len={config.data.max_len}; raise it")
@@ -248,7 +269,10 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     def save(step):
         ckpts.save(step, {"lora": lora, "opt_state": opt_state, "rng": rng,
                           "step": jax.device_put(np.int32(step), rep)}, it.get_state(),
-                   dict(meta, step=step))
+                   dict(meta, step=step, validation=curve.to_dict()))
+
+    score_fn = (scoring.make_score_fn(model.config, opts, run_data.label_token_ids, mesh)
+                if run_data.eval is not None else None)
 
     try:
         step = start
@@ -274,18 +298,26 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
             m["lr"] = float(schedule(step - 1))
             m["tokens_per_sec"] = tokens / max(now - t0, 1e-9)
             last = m
-            if every["eval_every"] and run_data.eval is not None and (
-                    step % every["eval_every"] == 0 or step == steps):
+            validated = bool(every["eval_every"] and run_data.eval is not None and (
+                step % every["eval_every"] == 0 or step == steps))
+            if validated:
                 m.update(evaluate(eval_fn, lora, base, run_data, mesh,
                                   config.train.get("eval_batches", None)))
+                v = validate(score_fn, lora, base, run_data, mesh, int(config.data.batch_size),
+                             config.train.get("eval_batches", None))
+                m.update(val_accuracy=v["accuracy"], val_nll=v["nll"])
+                if curve.add(step, **v):
+                    ckpts.protect(step)
             if every["log_every"] and (step % every["log_every"] == 0 or step == steps):
                 logger.log(step, {k: v for k, v in m.items() if k != "finite"})
                 tokens, t0 = 0, time.perf_counter()
             logger.progress(step, m)
             stop = preempt.requested()
-            if stop or step == steps or (every["checkpoint_every"] and
-                                         step % every["checkpoint_every"] == 0):
+            if stop or validated or step == steps or (every["checkpoint_every"] and
+                                                      step % every["checkpoint_every"] == 0):
                 save(step)
+            if validated and jax.process_index() == 0:
+                selection.write(workdir, curve)
             if stop:
                 status = "preempted"
                 logger.write(f"SIGTERM: saved step {step} to {ckpts.directory}; exiting")
@@ -324,8 +356,20 @@ def _make_eval(cfg, opts, scfg, mesh, lora_sh, base_sh):
                    out_shardings=rep)
 
 
+def validate(score_fn, lora, base, run_data, mesh, batch_size: int,
+             max_batches=None) -> dict:
+    """Rating accuracy on the validation split, read as the final evaluation reads test:
+    the argmax over the five label tokens at the label position."""
+    batches = data_lib.eval_batches(run_data, max_batches)
+    res = scoring.collect(scoring.score_batches(score_fn, base, lora, batches,
+                                                batch_size, mesh))
+    acc, nll = selection.rating_accuracy(res["label"], res["log_probs"])
+    return {"accuracy": acc, "nll": nll, "n": len(res["id"])}
+
+
 def evaluate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
-    """Teacher-forced eval on the test split: loss, label loss and label accuracy."""
+    """Teacher-forced eval on the validation split: loss, label loss and label accuracy
+    (argmax over the whole vocabulary)."""
     total = None
     for batch in data_lib.eval_batches(run_data, max_batches):
         s = jax.device_get(eval_fn(lora, base, data_lib.to_global(mesh, batch)))
