@@ -369,14 +369,36 @@ def _host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def hf_state_items(model: Decoder, dtype=None):
-    """Yields (hf_name, numpy array in HF layout), one tensor at a time."""
+def _saved_leaves(model: Decoder):
+    """(keys, value) of every parameter leaf a save writes (LoRA adapters are not)."""
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         keys = [str(getattr(k, "key", k)) for k in path]
-        if keys[0] == "lora":
-            continue
-        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        if keys[0] != "lora":
+            yield keys, var.get_value() if isinstance(var, nnx.Variable) else var
+
+
+def _hf_specs(model: Decoder, dtype=None):
+    """(hf_name, shape, numpy dtype) of every tensor ``hf_state_items`` yields, in its
+    order, without computing or gathering any."""
+    for keys, value in _saved_leaves(model):
+        quantised = hasattr(value, "dequantize")
+        np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else
+                                      jnp.float32 if quantised else value.dtype))
+        leaf = keys[-1]
+        if keys[0] == "layers":
+            per = tuple(value.shape[1:])
+            hf = per[::-1] if leaf in TRANSPOSED else per
+            for i in range(value.shape[0]):
+                yield LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf], hf, np_dtype
+        else:
+            shape = tuple(value.shape)
+            yield HF_TOP_NAMES[leaf], shape[::-1] if leaf in TRANSPOSED else shape, np_dtype
+
+
+def hf_state_items(model: Decoder, dtype=None):
+    """Yields (hf_name, numpy array in HF layout), one tensor at a time."""
+    for keys, value in _saved_leaves(model):
         if hasattr(value, "dequantize"):
             value = value.dequantize(dtype or jnp.float32)
         leaf = keys[-1]
@@ -395,36 +417,58 @@ def _cast(a, dtype):
     return a if dtype is None else a.astype(np.dtype(jnp.dtype(dtype)))
 
 
+def _shard_plan(specs, limit: int) -> list[list[str]]:
+    """Tensor names per shard file: consecutive tensors, a new shard whenever the next
+    tensor would take a non-empty shard past ``limit`` bytes."""
+    shards, size = [[]], 0
+    for name, shape, np_dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        if size and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
 def save_pretrained(model: Decoder, path: str, max_shard_size: int | str = "5GB",
                     dtype=None) -> None:
     """HF-compatible config.json + safetensors (sharded with an index past max_shard_size).
 
-    Files are written under temporary names and renamed, config.json last, so an
-    interrupted save never leaves a directory that looks complete.
+    The shards are planned from the parameters' shapes first, then written one at a
+    time, each before the next one's tensors are gathered, so the host holds about one
+    shard, never the whole model. Files are written under temporary names and renamed,
+    config.json last, so an interrupted save never leaves a directory that looks
+    complete.
     """
     from safetensors.numpy import save_file
 
     limit = _parse_size(max_shard_size)
+    specs = list(_hf_specs(model, dtype))
+    plan = _shard_plan(specs, limit)
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     os.makedirs(path, exist_ok=True)
-    write = jax.process_index() == 0
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
+    write = jax.process_index() == 0    # every process gathers (collectives); one writes
+    shard: dict[str, np.ndarray] = {}
+    k = 0
     for name, arr in hf_state_items(model, dtype):
-        if sizes[-1] and sizes[-1] + arr.nbytes > limit:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = arr
-        sizes[-1] += arr.nbytes
+        if write:
+            shard[name] = arr
+        del arr
+        if name == plan[k][-1]:
+            if write:
+                with atomic.atomic_path(os.path.join(path, names[k])) as tmp:
+                    save_file(shard, tmp, metadata={"format": "pt"})
+            shard = {}
+            k += 1
     if not write:
         return
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        with atomic.atomic_path(os.path.join(path, name)) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": int(sum(sizes))},
-                 "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
+    if len(plan) > 1:
+        total = sum(int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+                    for _, shape, np_dtype in specs)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t: n for n, ts in zip(names, plan) for t in ts}}
         atomic.write_json(os.path.join(path, "model.safetensors.index.json"), index)
     cfg_dict = model.config.to_hf_dict()
     if dtype is not None:
