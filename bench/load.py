@@ -2,6 +2,7 @@
 raw bytes vs ``transformers.AutoModelForCausalLM.from_pretrained``; time and peak RSS.
 
     python bench/load.py --size=cpu      # smoke | cpu | gpu | gpu_smoke
+    python bench/load.py --size=cpu --shape=peak_test --reps=5   # the peak-memory test's
 
 The checkpoint is a random HF safetensors directory (cpu size: ~1.4 GB float32, sharded
 at 512 MB like HF's own saves). Each loader runs in a fresh child process, twice:
@@ -39,7 +40,7 @@ from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 
-F = common.define_flags(["raw", "raw_fresh", "ours", "safe_open", "hf"])
+F = common.define_flags(["raw", "raw_fresh", "ours", "hf"])
 REPS = flags.DEFINE_integer("reps", None, "Rounds of cold and warm loads (default: the "
                             "size's own).")
 SHAPE = flags.DEFINE_enum("shape", "size", ["size", "peak_test"],
@@ -50,7 +51,7 @@ SHAPE = flags.DEFINE_enum("shape", "size", ["size", "peak_test"],
 PEAK_TEST_MODEL = dict(model_type="mistral", vocab_size=4096, hidden_size=512,
                        intermediate_size=1792, num_hidden_layers=28, num_attention_heads=8,
                        num_key_value_heads=2, sliding_window=4096)
-LOADER_ORDER = ("raw", "raw_fresh", "ours", "safe_open", "hf")
+LOADER_ORDER = ("raw", "raw_fresh", "ours", "hf")
 
 SPEED_TARGET, RSS_TARGET = 0.7, 1.3
 
@@ -91,40 +92,6 @@ def load_ours(ckpt: str, dtype: str):
     return model
 
 
-def _read_block_safe_open(self, name, rows=None, cols=None, out=None):
-    """``SafetensorsFile.read_block`` through ``safetensors.safe_open(...).get_slice``:
-    the file is mapped for this one read only, so only its pages count in RSS."""
-    from safetensors import safe_open
-
-    index = tuple(s for s in (rows, cols) if s is not None)
-    with safe_open(self.path, framework="numpy") as f:
-        return f.get_slice(name)[index] if index else f.get_tensor(name)
-
-
-class _NoReadAhead:
-    """Stands in for ``StreamedReads``: no read-ahead thread, no reused staging buffers
-    (``with`` yields None, which the loader takes as "stage in fresh arrays")."""
-
-    def __init__(self, plan, window_bytes):
-        del plan, window_bytes
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-def load_safe_open(ckpt: str, dtype: str):
-    """Ours, with every slice read by ``safe_open(...).get_slice(...)`` instead of our
-    pread reader, read-ahead thread and reused staging buffers."""
-    from xft_jax.models import hf_io
-
-    hf_io.SafetensorsFile.read_block = _read_block_safe_open
-    hf_io.StreamedReads = _NoReadAhead
-    return load_ours(ckpt, dtype)
-
-
 def load_hf(ckpt: str, dtype: str):
     import torch
     import transformers
@@ -142,16 +109,14 @@ def load_hf(ckpt: str, dtype: str):
     return model
 
 
-LOADERS = {"raw": load_raw, "raw_fresh": load_raw_fresh, "ours": load_ours,
-           "safe_open": load_safe_open, "hf": load_hf}
+LOADERS = {"raw": load_raw, "raw_fresh": load_raw_fresh, "ours": load_ours, "hf": load_hf}
 
 
 def child(sp: dict, kind: str, ckpt: str) -> dict:
     # Imports (the loader's module and, for transformers, the model's class) and runtime
     # start-up happen before the clock and the RSS reset.
-    if kind in ("ours", "safe_open"):
+    if kind == "ours":
         import jax
-        import safetensors  # noqa: F401
 
         from xft_jax.models import hf_io  # noqa: F401
         jax.devices()
@@ -235,12 +200,8 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
         dict(case=case, metric="cold: load time vs transformers (+ read every weight)",
              ours=f"{cold['ours']['seconds']:.2f} s", peer=f"{cold['hf']['seconds']:.2f} s",
              ratio=cold["hf"]["seconds"] / cold["ours"]["seconds"]),
-        dict(case=case, metric="cold: load time, ours (pread reader) vs safe_open reader",
-             ours=f"{cold['ours']['seconds']:.2f} s",
-             peer=f"{cold['safe_open']['seconds']:.2f} s",
-             ratio=cold["safe_open"]["seconds"] / cold["ours"]["seconds"]),
-        dict(case=case, metric="cold: spread of load times (ours, safe_open)",
-             ours=_spread(cold["ours"]), peer=_spread(cold["safe_open"])),
+        dict(case=case, metric="cold: spread of load times (ours, transformers)",
+             ours=_spread(cold["ours"]), peer=_spread(cold["hf"])),
         dict(case=case, metric="warm: load speed vs raw read (page-cache copy)",
              ours=mbs(speed["ours"]), peer=mbs(speed["raw"]),
              ratio=speed["ours"] / speed["raw"],
@@ -252,26 +213,17 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
              ours=f"{res['ours']['seconds']:.2f} s",
              peer=f"{res['hf']['seconds']:.2f} s",
              ratio=res["hf"]["seconds"] / res["ours"]["seconds"]),
-        dict(case=case, metric="warm: load time, ours (pread reader) vs safe_open reader",
-             ours=f"{res['ours']['seconds']:.2f} s",
-             peer=f"{res['safe_open']['seconds']:.2f} s",
-             ratio=res["safe_open"]["seconds"] / res["ours"]["seconds"]),
-        dict(case=case, metric="warm: spread of load times (ours, safe_open)",
-             ours=_spread(res["ours"]), peer=_spread(res["safe_open"])),
+        dict(case=case, metric="warm: spread of load times (ours, transformers)",
+             ours=_spread(res["ours"]), peer=_spread(res["hf"])),
         dict(case=case, metric="peak extra RSS / checkpoint (ours, raw)",
              ours=f"{rss['ours']:.2f}", peer=f"{rss['raw']:.2f}", target=f"<= {RSS_TARGET}",
              met=rss["ours"] <= RSS_TARGET),
         dict(case=case, metric="peak extra RSS / checkpoint (ours, transformers)",
              ours=f"{rss['ours']:.2f}", peer=f"{rss['hf']:.2f}",
              ratio=rss["ours"] / rss["hf"] if rss["hf"] > 0 else None),
-        dict(case=case, metric="peak extra RSS / checkpoint, warm (ours, safe_open)",
-             ours=f"{rss['ours']:.2f}", peer=f"{rss['safe_open']:.2f}",
-             target=f"<= {RSS_TARGET}",
-             met=max(rss["ours"], rss["safe_open"]) <= RSS_TARGET),
-        dict(case=case, metric="peak extra RSS / checkpoint, cold (ours, safe_open)",
-             ours=f"{cold_rss['ours']:.2f}", peer=f"{cold_rss['safe_open']:.2f}",
-             target=f"<= {RSS_TARGET}",
-             met=max(cold_rss["ours"], cold_rss["safe_open"]) <= RSS_TARGET),
+        dict(case=case, metric="peak extra RSS / checkpoint, cold (ours, raw)",
+             ours=f"{cold_rss['ours']:.2f}", peer=f"{cold_rss['raw']:.2f}",
+             target=f"<= {RSS_TARGET}", met=cold_rss["ours"] <= RSS_TARGET),
         dict(case=case, metric="peak RSS incl. imports (ours, transformers)",
              ours=common.fmt(res["ours"]["peak_rss"], "B"),
              peer=common.fmt(res["hf"]["peak_rss"], "B")),
