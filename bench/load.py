@@ -2,6 +2,7 @@
 raw bytes vs ``transformers.AutoModelForCausalLM.from_pretrained``; time and peak RSS.
 
     python bench/load.py --size=cpu      # smoke | cpu | gpu | gpu_smoke
+    python bench/load.py --size=cpu --shape=peak_test --reps=5   # the peak-memory test's
 
 The checkpoint is a random HF safetensors directory (cpu size: ~1.4 GB float32, sharded
 at 512 MB like HF's own saves). Each loader runs in a fresh child process, twice:
@@ -35,11 +36,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 
 F = common.define_flags(["raw", "raw_fresh", "ours", "hf"])
+REPS = flags.DEFINE_integer("reps", None, "Rounds of cold and warm loads (default: the "
+                            "size's own).")
+SHAPE = flags.DEFINE_enum("shape", "size", ["size", "peak_test"],
+                          "Checkpoint shape: the size's own, or the ~400 MB Mistral shape "
+                          "of tests/test_hf_io.py's peak-memory test (float32).")
+
+# tests/test_hf_io.py::test_peak_host_memory_while_loading (GQA 4:1, mlp 3.5x).
+PEAK_TEST_MODEL = dict(model_type="mistral", vocab_size=4096, hidden_size=512,
+                       intermediate_size=1792, num_hidden_layers=28, num_attention_heads=8,
+                       num_key_value_heads=2, sliding_window=4096)
+LOADER_ORDER = ("raw", "raw_fresh", "ours", "hf")
 
 SPEED_TARGET, RSS_TARGET = 0.7, 1.3
 
@@ -143,27 +155,37 @@ def _median_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
                 "peak_rss": max(r["peak_rss"] for r in rs)} for k, rs in runs.items()}
 
 
+def _spread(r: dict) -> str:
+    """min-max of one loader's times: how noisy its runs were."""
+    return f"{min(r['all_seconds']):.2f}-{max(r['all_seconds']):.2f} s"
+
+
 def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     sp = common.spec(size)
-    ld = sp["load"]
+    ld = dict(sp["load"])
+    if SHAPE.value == "peak_test":
+        ld.update(model=PEAK_TEST_MODEL, dtype="float32")
     ckpt = common.checkpoint(ld["model"], ld["dtype"])
     size_b = common.checkpoint_bytes(ckpt)
     args = [f"--size={size}", f"--ckpt={ckpt}"]
-    reps = ld.get("reps", 1)
+    reps = REPS.value or ld.get("reps", 1)
+    load_avg = [os.getloadavg()]
     cold_runs, warm_runs = {}, {}
     for _ in range(reps):       # rounds, so drift on a shared machine hits every loader
-        for k in ("raw", "raw_fresh", "ours", "hf"):
+        for k in LOADER_ORDER:
             evict(ckpt)
             cold_runs.setdefault(k, []).append(
                 common.run_child("load.py", args + [f"--child={k}"], F.timeout.value))
         load_raw(ckpt, ld["dtype"])                 # warm the page cache (not reported)
-        for k in ("raw", "raw_fresh", "ours", "hf"):
+        for k in LOADER_ORDER:
             warm_runs.setdefault(k, []).append(
                 common.run_child("load.py", args + [f"--child={k}"], F.timeout.value))
+        load_avg.append(os.getloadavg())
     cold, res = _median_runs(cold_runs), _median_runs(warm_runs)
     cspeed = {k: size_b / r["seconds"] for k, r in cold.items()}
     speed = {k: size_b / r["seconds"] for k, r in res.items()}
     rss = {k: r["extra_rss"] / size_b for k, r in res.items()}
+    cold_rss = {k: r["extra_rss"] / size_b for k, r in cold.items()}
     case = f"{common.fmt(size_b, 'B')} {ld['dtype']}" + (f", median of {reps}" if reps > 1
                                                           else "")
     mbs = lambda v: common.fmt(v, "B") + "/s"  # noqa: E731
@@ -178,6 +200,8 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
         dict(case=case, metric="cold: load time vs transformers (+ read every weight)",
              ours=f"{cold['ours']['seconds']:.2f} s", peer=f"{cold['hf']['seconds']:.2f} s",
              ratio=cold["hf"]["seconds"] / cold["ours"]["seconds"]),
+        dict(case=case, metric="cold: spread of load times (ours, transformers)",
+             ours=_spread(cold["ours"]), peer=_spread(cold["hf"])),
         dict(case=case, metric="warm: load speed vs raw read (page-cache copy)",
              ours=mbs(speed["ours"]), peer=mbs(speed["raw"]),
              ratio=speed["ours"] / speed["raw"],
@@ -189,18 +213,26 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
              ours=f"{res['ours']['seconds']:.2f} s",
              peer=f"{res['hf']['seconds']:.2f} s",
              ratio=res["hf"]["seconds"] / res["ours"]["seconds"]),
+        dict(case=case, metric="warm: spread of load times (ours, transformers)",
+             ours=_spread(res["ours"]), peer=_spread(res["hf"])),
         dict(case=case, metric="peak extra RSS / checkpoint (ours, raw)",
              ours=f"{rss['ours']:.2f}", peer=f"{rss['raw']:.2f}", target=f"<= {RSS_TARGET}",
              met=rss["ours"] <= RSS_TARGET),
         dict(case=case, metric="peak extra RSS / checkpoint (ours, transformers)",
              ours=f"{rss['ours']:.2f}", peer=f"{rss['hf']:.2f}",
              ratio=rss["ours"] / rss["hf"] if rss["hf"] > 0 else None),
+        dict(case=case, metric="peak extra RSS / checkpoint, cold (ours, raw)",
+             ours=f"{cold_rss['ours']:.2f}", peer=f"{cold_rss['raw']:.2f}",
+             target=f"<= {RSS_TARGET}", met=cold_rss["ours"] <= RSS_TARGET),
         dict(case=case, metric="peak RSS incl. imports (ours, transformers)",
              ours=common.fmt(res["ours"]["peak_rss"], "B"),
              peer=common.fmt(res["hf"]["peak_rss"], "B")),
+        dict(case=case, metric="load average (1 min) at start, after each round",
+             ours=" ".join(f"{a[0]:.2f}" for a in load_avg)),
     ]
     details = {"checkpoint": ckpt, "bytes": size_b, "raw": res, "speed": speed,
-               "cold": cold, "cold_speed": cspeed, "rss_ratio": rss}
+               "cold": cold, "cold_speed": cspeed, "rss_ratio": rss,
+               "cold_rss_ratio": cold_rss, "load_avg": load_avg}
     section = common.record("load", size, rows, details, out, write_md, argv)
     print(section)
     return {"rows": rows, "details": details}

@@ -285,3 +285,56 @@ def test_peak_host_memory_while_loading(tmp_path):
           f"peak {m['peak'] / 1e6:.0f} MB, peak above baseline {ratio:.3f} x")
     assert m["peak"] - m["base"] >= size, "the loaded weights must show in resident memory"
     assert ratio <= 1.3, f"peak host memory {ratio:.3f} x checkpoint size"
+
+
+SAVE_MEASURE = textwrap.dedent("""
+    import json, os, sys
+    import jax
+    from flax import nnx
+    from xft_jax import models
+    from xft_jax.models.config import ModelConfig
+    from xft_jax.models.decoder import Decoder
+    cfg = ModelConfig.from_hf_dict(json.loads(sys.argv[1]))
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    jax.block_until_ready(model.params())
+    size = sum(x.nbytes for x in jax.tree.leaves(model.params()))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with open("/proc/self/status") as f:
+        base = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:")][0]
+    models.save_pretrained(model, sys.argv[2] + "/saved", max_shard_size=int(sys.argv[3]))
+    with open("/proc/self/status") as f:
+        peak = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
+    print(json.dumps({"base": base, "peak": peak, "model": size}))
+""")
+
+
+def test_save_holds_about_one_shard_on_the_host(tmp_path):
+    """A ~125 MB model saved in ~12 MB shards: the host's peak above what it held before
+    the save is a shard plus the save's fixed costs (~45 MB here), not the whole model
+    (holding every shard until the end peaked at ~135 MB), and the files load in
+    transformers and ours."""
+    cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+           "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1792,
+           "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+           "sliding_window": 4096, "tie_word_embeddings": False}
+    shard = 12 * 10**6
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SAVE_MEASURE, json.dumps(cfg),
+                          str(tmp_path), str(shard)], capture_output=True, text=True,
+                         timeout=300, env=env, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    extra = m["peak"] - m["base"]
+    saved = str(tmp_path / "saved")
+    files = [n for n in os.listdir(saved) if n.endswith(".safetensors")]
+    print(f"model {m['model'] / 1e6:.0f} MB in {len(files)} shards of <= {shard / 1e6:.0f} "
+          f"MB; peak above the pre-save RSS {extra / 1e6:.0f} MB")
+    assert len(files) >= 8 and m["model"] >= 10 * shard
+    assert extra <= m["model"] / 2, f"saving held {extra / 1e6:.0f} MB at its peak"
+    with open(os.path.join(saved, "model.safetensors.index.json")) as f:
+        assert set(json.load(f)["weight_map"].values()) == set(files)
+    ours = models.load_pretrained(saved)
+    ids = np.arange(3, 12)[None]
+    with torch.no_grad():
+        ref = load_hf_model(saved)(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(ours(jnp.asarray(ids))) - ref).max() <= 1e-4

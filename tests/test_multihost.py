@@ -159,8 +159,8 @@ def reference(hf_checkpoint, tmp_path_factory):
         positions=b["positions"], opts=model.forward_options())["logits"])(
             model.params(), batch))
     f = SafetensorsFile(os.path.join(ckpt, "model.safetensors"))
-    total = sum(f.read_rows(n).nbytes for n in f.tensors)
-    replicated = sum(f.read_rows(n).nbytes for n in f.tensors if n.endswith("norm.weight"))
+    total = sum(f.read_block(n).nbytes for n in f.tensors)
+    replicated = sum(f.read_block(n).nbytes for n in f.tensors if n.endswith("norm.weight"))
     return ckpt, str(path), ref, total, replicated
 
 

@@ -44,25 +44,16 @@ def main() -> int:
     assert jax.process_index() == spec.process_id, (jax.process_index(), spec)
     assert jax.local_device_count() == args.cpu_devices, jax.local_device_count()
 
-    read_bytes = [0]   # bytes this process reads from the checkpoint (outermost calls)
-    depth = [0]
+    read_bytes = [0]   # bytes this process reads from the checkpoint
     cls = safetensors_reader.SafetensorsFile
+    read_block = cls.read_block
 
-    def counted(orig):
-        def wrapper(self, *a, **k):
-            depth[0] += 1
-            try:
-                out = orig(self, *a, **k)
-            finally:
-                depth[0] -= 1
-            if depth[0] == 0:
-                read_bytes[0] += out.nbytes
-            return out
-        return wrapper
+    def counted(self, *a, **k):
+        out = read_block(self, *a, **k)
+        read_bytes[0] += out.nbytes
+        return out
 
-    for method in ("read_rows", "read_block"):
-        if hasattr(cls, method):
-            setattr(cls, method, counted(getattr(cls, method)))
+    cls.read_block = counted
 
     full = dict(np.load(args.batch))
     result = {"primary": np.array(distributed.is_primary()),

@@ -3,9 +3,9 @@
 Loading builds the abstract model first (``nnx.eval_shape``), derives each parameter's
 sharding, then reads for every device shard exactly the slice it holds, straight from the
 files (``jax.make_array_from_callback``). The whole model is never held twice on the host,
-and on several hosts each host reads only what its own devices hold. The kernel is asked
-to read ahead of the loader, and layers are staged in reused host buffers
-(``host_reads``), so a load from storage overlaps reading with the device work.
+and on several hosts each host reads only what its own devices hold. Tensors are read
+layer by layer in the order they sit in the files, so a load from storage reads each
+file front to back.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from xft_jax import atomic, sharding
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import Decoder, leaf_axes
-from xft_jax.models.host_reads import StreamedReads
 from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
 
 LAYER_PREFIX = "model.layers.{i}."
@@ -45,8 +44,6 @@ HF_TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.
                 "lm_head": "lm_head.weight"}
 TRANSPOSED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "lm_head"}
-# How far past the start of the tensor being read the loader reads ahead (bytes).
-READ_AHEAD_BYTES = 256 * 2**20
 # Buffers some checkpoints carry that hold no weights.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -136,16 +133,11 @@ def _blocks(index, shape) -> tuple[slice, slice | None]:
     return norm[0] if norm else None, norm[1] if len(norm) > 1 else None
 
 
-def _read_hf(f: SafetensorsFile, name: str, index, shape, stage_dtype, reads=None):
+def _read_hf(f: SafetensorsFile, name: str, index, shape, stage_dtype):
     """The slice ``index`` of one tensor in HF's own layout (as stored, so no host
     transpose). ``read_block`` reads only this shard's columns: on several hosts each
-    host reads only its own part. With ``reads``, a tensor staged as stored is read into
-    one of its reused buffers."""
+    host reads only its own part."""
     rows, cols = _blocks(index, shape)
-    src = np.dtype(f.tensors[name]["dtype"])
-    if reads is not None and src == stage_dtype and shape:
-        block = tuple(s.stop - s.start for s in (rows, cols) if s is not None) + shape[2:]
-        return f.read_block(name, rows, cols, out=reads.buffer(block, src))
     return np.ascontiguousarray(f.read_block(name, rows, cols), dtype=stage_dtype)
 
 
@@ -166,21 +158,10 @@ def _hf_layout(leaf: str, shape, shard):
             True)
 
 
-def _planned(f, name: str, leaf: str, shape, shard):
-    """(file, name, distinct blocks this process reads) of one tensor, for the read plan."""
-    hf_shape, hf_shard, _ = _hf_layout(leaf, shape, shard)
-    blocks = {}
-    for idx in hf_shard.addressable_devices_indices_map(hf_shape).values():
-        block = _blocks(idx, hf_shape)          # slices: keyed by bounds (unhashable)
-        blocks[tuple((s.start, s.stop) if s else () for s in block)] = block
-    return f, name, [blocks[k] for k in sorted(blocks)]
-
-
 def _tensor_reads(top_leaves, leaves, order: list[int]):
     """Every tensor one load reads, in the order it reads them: the top-level leaves,
     then layer by layer in ``order``. Yields (HF name, keys, shape in our layout (one
-    layer's for stacked leaves), sharding, layer index or None). The read plan and the
-    load both walk this, so read-ahead asks for tensors in the order they are read."""
+    layer's for stacked leaves), sharding, layer index or None)."""
     for _, keys, shape, shard in top_leaves:
         yield HF_TOP_NAMES[keys[-1]], keys, tuple(shape), shard, None
     for i in order:
@@ -188,23 +169,12 @@ def _tensor_reads(top_leaves, leaves, order: list[int]):
             yield _hf_layer_name(i, keys[-1]), keys, tuple(shape[1:]), shard, i
 
 
-def _read_plan(files, tensor_reads) -> list:
-    """(file, name, blocks this process reads) of every tensor in ``tensor_reads``."""
-    return [_planned(files[name], name, keys[-1], shape, shard)
-            for name, keys, shape, shard, _ in tensor_reads]
-
-
-def _read_array(f, name, leaf, shape, shard, np_dtype, reads=None, reuse=False):
-    """(HF-layout device array, whether it still needs a transpose to ``shape``).
-    ``reads`` asks for read-ahead; ``reuse`` stages in its reused buffers (only for
-    arrays the caller drops before ``reads.recycle()``)."""
+def _read_array(f, name, leaf, shape, shard, np_dtype):
+    """(HF-layout device array, whether it still needs a transpose to ``shape``)."""
     hf_shape, hf_shard, transpose = _hf_layout(leaf, shape, shard)
-    if reads is not None:
-        reads.starting(name)
     stage = _stage_dtype(f, name, np_dtype)
     arr = jax.make_array_from_callback(
-        hf_shape, hf_shard,
-        lambda idx: _read_hf(f, name, idx, hf_shape, stage, reads if reuse else None))
+        hf_shape, hf_shard, lambda idx: _read_hf(f, name, idx, hf_shape, stage))
     return arr, transpose
 
 
@@ -261,22 +231,18 @@ def _layer_order(files, leaves, n: int) -> list[int]:
     return sorted(range(n), key=where)
 
 
-def _load_tensors(files, tensor_reads, n: int, np_dtype, transform=None,
-                  reads: StreamedReads | None = None) -> dict:
+def _load_tensors(files, tensor_reads, n: int, np_dtype, transform=None) -> dict:
     """{keys: device array} of every leaf in ``tensor_reads`` (see ``_tensor_reads``):
     top-level leaves as read, layer leaves stacked [n, ...].
 
     Each tensor is read as stored (HF [out, in]), transposed and cast on device, and
-    mapped by ``transform`` (quantisation) when given. A layer tensor is staged in a
-    host buffer reused from layer to layer and written into its donated stacked buffers
-    (one per pytree child), so the host stages one tensor at a time and the dense layer
-    is dropped as soon as it is written. Top-level leaves (which may become the final
-    arrays) are never staged in reused buffers."""
+    mapped by ``transform`` (quantisation) when given. A layer tensor is written into
+    its donated stacked buffers (one per pytree child), so the host stages one tensor
+    at a time and the dense layer is dropped as soon as it is written."""
     loaded: dict[tuple, Any] = {}
     for name, keys, shape, shard, i in tensor_reads:
         key = tuple(keys)
-        arr = _convert(*_read_array(files[name], name, keys[-1], shape, shard, np_dtype,
-                                    reads, reuse=reads is not None and i is not None),
+        arr = _convert(*_read_array(files[name], name, keys[-1], shape, shard, np_dtype),
                        shard, np_dtype)
         out = arr if transform is None else transform(key, arr)
         del arr
@@ -288,12 +254,10 @@ def _load_tensors(files, tensor_reads, n: int, np_dtype, transform=None,
             loaded[key] = _stack_starter(n, tree, tuple(leaves_))(out, i)
         else:
             loaded[key] = _set_layer(loaded[key], out, i)
-        # Waiting frees (or, with ``reads``, returns) the staging buffer before the next
-        # tensor is staged; without it, staged tensors pile up on the host.
+        # Waiting frees the staged host copy before the next tensor is staged; without
+        # it, staged tensors pile up on the host.
         del out
         jax.block_until_ready(loaded[key])
-        if reads is not None:
-            reads.recycle()
     return loaded
 
 
@@ -380,9 +344,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
     # transient host copy then never adds to a nearly loaded model.
     tensor_reads = list(_tensor_reads(top_leaves, leaves,
                                       _layer_order(files, leaves, cfg.num_layers)))
-    with StreamedReads(_read_plan(files, tensor_reads), READ_AHEAD_BYTES) as reads:
-        loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype,
-                               layer_transform, reads)
+    loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype, layer_transform)
     for p, keys, _, _ in top_leaves + layer_leaves:
         _set_path(state, p, loaded[tuple(keys)])
     return nnx.merge(graphdef, state)
@@ -407,14 +369,36 @@ def _host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def hf_state_items(model: Decoder, dtype=None):
-    """Yields (hf_name, numpy array in HF layout), one tensor at a time."""
+def _saved_leaves(model: Decoder):
+    """(keys, value) of every parameter leaf a save writes (LoRA adapters are not)."""
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         keys = [str(getattr(k, "key", k)) for k in path]
-        if keys[0] == "lora":
-            continue
-        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        if keys[0] != "lora":
+            yield keys, var.get_value() if isinstance(var, nnx.Variable) else var
+
+
+def _hf_specs(model: Decoder, dtype=None):
+    """(hf_name, shape, numpy dtype) of every tensor ``hf_state_items`` yields, in its
+    order, without computing or gathering any."""
+    for keys, value in _saved_leaves(model):
+        quantised = hasattr(value, "dequantize")
+        np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else
+                                      jnp.float32 if quantised else value.dtype))
+        leaf = keys[-1]
+        if keys[0] == "layers":
+            per = tuple(value.shape[1:])
+            hf = per[::-1] if leaf in TRANSPOSED else per
+            for i in range(value.shape[0]):
+                yield LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf], hf, np_dtype
+        else:
+            shape = tuple(value.shape)
+            yield HF_TOP_NAMES[leaf], shape[::-1] if leaf in TRANSPOSED else shape, np_dtype
+
+
+def hf_state_items(model: Decoder, dtype=None):
+    """Yields (hf_name, numpy array in HF layout), one tensor at a time."""
+    for keys, value in _saved_leaves(model):
         if hasattr(value, "dequantize"):
             value = value.dequantize(dtype or jnp.float32)
         leaf = keys[-1]
@@ -433,36 +417,58 @@ def _cast(a, dtype):
     return a if dtype is None else a.astype(np.dtype(jnp.dtype(dtype)))
 
 
+def _shard_plan(specs, limit: int) -> list[list[str]]:
+    """Tensor names per shard file: consecutive tensors, a new shard whenever the next
+    tensor would take a non-empty shard past ``limit`` bytes."""
+    shards, size = [[]], 0
+    for name, shape, np_dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        if size and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
 def save_pretrained(model: Decoder, path: str, max_shard_size: int | str = "5GB",
                     dtype=None) -> None:
     """HF-compatible config.json + safetensors (sharded with an index past max_shard_size).
 
-    Files are written under temporary names and renamed, config.json last, so an
-    interrupted save never leaves a directory that looks complete.
+    The shards are planned from the parameters' shapes first, then written one at a
+    time, each before the next one's tensors are gathered, so the host holds about one
+    shard, never the whole model. Files are written under temporary names and renamed,
+    config.json last, so an interrupted save never leaves a directory that looks
+    complete.
     """
     from safetensors.numpy import save_file
 
     limit = _parse_size(max_shard_size)
+    specs = list(_hf_specs(model, dtype))
+    plan = _shard_plan(specs, limit)
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     os.makedirs(path, exist_ok=True)
-    write = jax.process_index() == 0
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
+    write = jax.process_index() == 0    # every process gathers (collectives); one writes
+    shard: dict[str, np.ndarray] = {}
+    k = 0
     for name, arr in hf_state_items(model, dtype):
-        if sizes[-1] and sizes[-1] + arr.nbytes > limit:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = arr
-        sizes[-1] += arr.nbytes
+        if write:
+            shard[name] = arr
+        del arr
+        if name == plan[k][-1]:
+            if write:
+                with atomic.atomic_path(os.path.join(path, names[k])) as tmp:
+                    save_file(shard, tmp, metadata={"format": "pt"})
+            shard = {}
+            k += 1
     if not write:
         return
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        with atomic.atomic_path(os.path.join(path, name)) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": int(sum(sizes))},
-                 "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
+    if len(plan) > 1:
+        total = sum(int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+                    for _, shape, np_dtype in specs)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t: n for n, ts in zip(names, plan) for t in ts}}
         atomic.write_json(os.path.join(path, "model.safetensors.index.json"), index)
     cfg_dict = model.config.to_hf_dict()
     if dtype is not None:
