@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from xft_jax import atomic, sharding
+from xft_jax.errors import UserError
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import (LINEAR_NAMES, Decoder, leaf_axes, linear_shape,
                                    params_tree)
@@ -37,7 +38,7 @@ _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-class LoRAError(ValueError):
+class LoRAError(UserError, ValueError):
     """An adapter that does not fit the model or uses a PEFT feature we do not support."""
 
 

@@ -13,11 +13,13 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+from xft_jax.errors import UserError
+
 AXES = ("naturalness", "comprehensiveness", "on_topic")
 MIN_LABEL, MAX_LABEL = 1, 5
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A record that breaks the canonical schema; the message names item and field."""
 
 
