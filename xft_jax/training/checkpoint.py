@@ -255,11 +255,18 @@ class Checkpoints:
 
     def newest_readable_meta(self) -> tuple[int | None, dict | None]:
         """(step, meta) of the newest step whose metadata reads; (None, None) if none."""
+        failed = []
         for step in reversed(self.all_steps()):
             try:
-                return step, self.read_meta(step)
+                meta = self.read_meta(step)
             except CheckpointCorruptError as e:
-                logging.warning("%s", e)
+                failed.append(e)
+                continue
+            for e in failed:
+                logging.warning("%s; using %s instead", e, self._step_dir(step))
+            return step, meta
+        for e in failed:
+            logging.warning("%s", e)
         return None, None
 
     def close(self) -> None:
