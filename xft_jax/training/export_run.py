@@ -11,7 +11,7 @@ import shutil
 import tempfile
 
 from xft_jax import atomic
-from xft_jax.errors import UserError
+from xft_jax.errors import ConfigValueError, UserError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -60,7 +60,7 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
     from xft_jax.training.restore import load_trained
 
     if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+        raise ConfigValueError(f"format={fmt!r}; expected one of {FORMATS}")
     check_out_dir(out, workdir, _base_path_of(workdir, step), overwrite)
     model, meta, step = load_trained(workdir, step, dtype=dtype, dense=True)
     base_path = meta["lora"]["base_model_path"]

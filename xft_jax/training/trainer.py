@@ -98,9 +98,9 @@ def make_mesh(config, devices=None):
     n = int(m.get("num_devices", -1))
     if devices is None and n > 0:
         if jax.process_count() > 1:
-            raise ValueError("mesh.num_devices is for single-process runs; leave it -1")
+            raise ConfigValueError("mesh.num_devices is for single-process runs; leave it -1")
         if n > jax.device_count():
-            raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
+            raise ConfigValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
         devices = jax.devices()[:n]
     return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
 
@@ -132,13 +132,13 @@ def step_config(config) -> StepConfig:
 def _check_batch(config, scfg: StepConfig, mesh):
     if (config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
             and bool(config.data.get("pack", False))):
-        raise ValueError(f"model.attention_impl={config.model.attention_impl!r} needs one "
-                         f"example per row; data.pack=True packs several: set one of them "
-                         f"differently (e.g. model.attention_impl=xla)")
+        raise ConfigValueError(f"model.attention_impl={config.model.attention_impl!r} needs one "
+                               f"example per row; data.pack=True packs several: set one of them "
+                               f"differently (e.g. model.attention_impl=xla)")
     b = int(config.data.batch_size)
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     if b % scfg.grad_accum or (b // scfg.grad_accum) % shards:
-        raise ValueError(
+        raise ConfigValueError(
             f"data.batch_size={b} must split into train.grad_accum={scfg.grad_accum} "
             f"micro-batches whose size divides the {shards} batch shards (mesh.data x "
             f"mesh.fsdp)")
