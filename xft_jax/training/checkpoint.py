@@ -254,7 +254,8 @@ class Checkpoints:
         return meta
 
     def newest_readable_meta(self) -> tuple[int | None, dict | None]:
-        """(step, meta) of the newest step whose metadata reads; (None, None) if none."""
+        """(step, meta) of the newest step whose metadata reads; (None, None) when there
+        is no step at all."""
         failed = []
         for step in reversed(self.all_steps()):
             try:
@@ -265,8 +266,9 @@ class Checkpoints:
             for e in failed:
                 logging.warning("%s; using %s instead", e, self._step_dir(step))
             return step, meta
-        for e in failed:
-            logging.warning("%s", e)
+        if failed:
+            raise CheckpointCorruptError(f"{self.directory}: no checkpoint's metadata reads; "
+                                         f"newest: {failed[0]}")
         return None, None
 
     def close(self) -> None:
