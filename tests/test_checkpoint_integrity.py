@@ -58,7 +58,7 @@ def _resume_and_compare(wd, ref, caplog, bad_step):
     assert any("checkpoints/4, the newest checkpoint that verifies" in w for w in warned), \
         [r.getMessage() for r in caplog.records]
     # the damaged step was set aside (kept for inspection), then redone exactly
-    assert os.path.isdir(os.path.join(wd, ckpt_lib.DAMAGED_DIR, str(bad_step)))
+    assert os.path.isdir(os.path.join(wd, "checkpoints_damaged", str(bad_step)))
     a, _ = lora_of(ref)
     b, _ = lora_of(wd)
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -69,7 +69,7 @@ def test_flipped_bytes_in_latest_checkpoint_fall_back_to_the_verified_one(run, t
                                                                            caplog):
     wd = _copy(run, tmp_path)
     _flip(_array_files(wd, STEPS)[0])
-    with pytest.raises(ckpt_lib.CheckpointCorruptError, match=rf"checkpoints/{STEPS}"):
+    with pytest.raises(ValueError, match=rf"checkpoints/{STEPS}: .* differ from the digests"):
         load_trained(wd, STEPS)                       # an explicit step is not replaced
     _resume_and_compare(wd, run, caplog, STEPS)
 
@@ -85,7 +85,7 @@ def test_garbage_metadata_names_its_path_and_falls_back(run, tmp_path, caplog):
     wd = _copy(run, tmp_path)
     meta = os.path.join(wd, "checkpoints", str(STEPS), "meta", "metadata")
     open(meta, "w").write('{"lora": {"rank": 8, "alp')
-    with pytest.raises(ckpt_lib.CheckpointCorruptError, match=rf"{meta}: damaged checkpoint metadata"):
+    with pytest.raises(ValueError, match=rf"{meta}: damaged checkpoint metadata"):
         load_trained(wd, STEPS)
     with caplog.at_level("WARNING"):
         _, _, step = load_trained(wd)                 # export/eval: newest readable one
@@ -120,7 +120,8 @@ def test_an_older_step_is_kept_until_the_new_one_reads_back(tmp_path, monkeypatc
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=x.sharding), state)
     step, got, data, meta = ck.restore_verified(abstract)
-    assert step == 8 and data == {"pos": 8} and meta["state_digests"] == ckpt_lib.state_digests(state)
+    assert step == 8 and data == {"pos": 8}
+    assert meta["state_digests"] == ckpt_lib.state_digests(state)
     jax.tree.map(np.testing.assert_array_equal, got, state)
     ck.close()
 

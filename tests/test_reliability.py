@@ -7,21 +7,18 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from tests.test_train import (OVERRIDES, REPO, _main, _reap, latest_step, lora_of, losses,
+from tests.test_train import (OVERRIDES, _main, _reap, latest_step, lora_of, losses,
                               tiny_config)
 from xft_jax.models import hf_io
 from xft_jax.training import metrics_log
 from xft_jax.training.trainer import train
 
-LOCK_FILE = ".xft_jax.lock"     # (imports of new modules are inside the tests)
 
 KILL_STEPS = 10
 KILL_OVERRIDES = {"train.steps": KILL_STEPS, "train.checkpoint_every": 1}
@@ -33,39 +30,36 @@ def compile_cache(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ the lock (1)
-_HOLDER = """
-import sys, time
-from xft_jax.training.workdir_lock import WorkdirLock
-with WorkdirLock(sys.argv[1]):
-    print("locked", flush=True)
-    sys.stdin.read()
-"""
+def test_a_second_run_on_a_busy_workdir_refuses_naming_the_holder(tmp_path, compile_cache):
+    import socket
 
-
-def test_a_second_run_on_a_locked_workdir_refuses_naming_the_holder(tmp_path,
-                                                                     compile_cache):
     wd = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, wd], env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    first = _main(wd, compile_cache, overrides=dict(
+        OVERRIDES, **{"mesh.num_devices": 1, "train.steps": 100000,
+                      "train.checkpoint_every": 0}))
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        deadline = time.time() + 240
+        while not metrics_log.read_metrics(wd) and first.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert first.poll() is None
+        before = sorted(os.listdir(wd))
         second = _main(wd, compile_cache)
         err = _reap([second])[0]
         assert second.returncode == 2, err[-3000:]
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-        assert f"pid {holder.pid}" in lines[0] and "is in use by another run" in lines[0]
-        import socket
-        assert f"host {socket.gethostname()}" in lines[0]
-        assert os.listdir(wd) == [LOCK_FILE]          # the refused run wrote nothing
+        assert "is in use by another run" in lines[0]
+        assert f"host {socket.gethostname()}, pid {first.pid}" in lines[0]
+        assert sorted(os.listdir(wd)) == before       # the refused run wrote nothing
+        assert json.load(open(os.path.join(wd, "config.json")))["train"]["steps"] == 100000
         from xft_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock
 
         with pytest.raises(WorkdirBusyError):         # in-process too
             WorkdirLock(wd).acquire()
     finally:
-        holder.kill()                                 # SIGKILL: the kernel drops the lock
-        holder.wait()
+        first.kill()                                  # SIGKILL: the kernel drops the lock
+        first.wait()
     with WorkdirLock(wd):                             # free again once the holder is gone
         pass
 

@@ -278,7 +278,8 @@ def test_annotate_main_refuses_in_one_line_and_writes_nothing(tmp_path, case):
 def test_train_main_bad_config_one_line_and_no_workdir(tmp_path):
     wd = tmp_path / "fresh"
     p = _main("xft_jax.train", [f"--config={REPO}/configs/tiny.py", f"--workdir={wd}",
-                                "--config.optim.lr=0"], tmp_path)
+                                "--config.optim.lr=0", "--config.mesh.num_devices=1",
+                                "--config.train.steps=2"], tmp_path)
     _one_line(p, "config.optim.lr=0.0: the learning rate must be > 0")
     assert not wd.exists()
 
