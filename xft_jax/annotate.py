@@ -112,7 +112,8 @@ def main(argv):
         annotators = _load_annotators(_ANNOTATORS.value)
         by_name = {a.name: a for a in annotators}
         if _SUMMARIZER.value and _SUMMARIZER.value not in by_name:
-            raise errors.ConfigValueError(f"--summarizer={_SUMMARIZER.value} is not in {sorted(by_name)}")
+            raise errors.ConfigValueError(f"--summarizer={_SUMMARIZER.value} is not in "
+                                          f"{sorted(by_name)}")
         report = LoadReport()
         # A DataError names file and line; nothing has been written yet.
         convs = sources.load_source(source, _PATH.value, _LIMIT.value, _ON_ERROR.value,
