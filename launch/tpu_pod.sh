@@ -13,8 +13,10 @@
 # Env: TPU_NAME, ZONE (required); PROJECT; REMOTE_DIR (default xft_jax, under the worker's
 # home); JAX_TPU (default 'jax[tpu]>=0.10,<0.12'); PIP_EXTRA (more pip arguments);
 # RUN_ENV (literal VAR=value words exported before the command, e.g. "LIBTPU_INIT_ARGS=..");
-# FORWARD_ENV (names of local variables to pass on, e.g. "HF_TOKEN": their values are
-# shown as *** in a dry run); DRY_RUN=1 (same as --dry_run: print, run nothing).
+# FORWARD_ENV (names of local variables to pass on, e.g. "HF_TOKEN": their values never
+# appear on a command line, where any user of either machine could read them in the
+# process list; they go into a 0600 file, copied to the workers, read and deleted there
+# before the command starts); DRY_RUN=1 (same as --dry_run: print, run nothing).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
@@ -58,12 +60,31 @@ fi
 
 EXPORTS=()
 if [[ -n "${RUN_ENV:-}" ]]; then read -r -a EXPORTS <<< "$RUN_ENV"; fi
+FORWARD=()
 for name in ${FORWARD_ENV:-}; do
   [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "FORWARD_ENV: $name is not a variable name"
   [[ -n "${!name+x}" ]] || die "FORWARD_ENV: $name is not set here"
-  if [[ "$DRY_RUN" == "1" ]]; then EXPORTS+=("$name=***"); else EXPORTS+=("$name=${!name}"); fi
+  FORWARD+=("$name")
 done
-RUN_CMD="cd $(quote "$REMOTE_DIR") && "
+RUN_CMD=""
+if [[ ${#FORWARD[@]} -gt 0 ]]; then
+  # The values travel in a file only its owner can read (mktemp makes it 0600; scp keeps
+  # the mode), never in an argument.
+  if [[ "$DRY_RUN" == "1" ]]; then
+    ENV_FILE="$(mktemp -u "${TMPDIR:-/tmp}/xft_jax_env.XXXXXXXX")"
+    echo "#   ${FORWARD[*]}: values written to $ENV_FILE (mode 0600), not shown"
+  else
+    ENV_FILE="$(mktemp "${TMPDIR:-/tmp}/xft_jax_env.XXXXXXXX")"
+    trap 'rm -f "$ENV_FILE"' EXIT
+    for name in "${FORWARD[@]}"; do
+      printf 'export %s=%s\n' "$name" "$(quote "${!name}")" >> "$ENV_FILE"
+    done
+  fi
+  REMOTE_ENV="/tmp/$(basename "$ENV_FILE")"
+  run "${GCLOUD[@]}" scp "$ENV_FILE" "$TPU_NAME:$REMOTE_ENV" "${WHERE[@]}"
+  RUN_CMD+="trap $(quote "rm -f $REMOTE_ENV") EXIT && . $REMOTE_ENV && rm -f $REMOTE_ENV && "
+fi
+RUN_CMD+="cd $(quote "$REMOTE_DIR") && "
 [[ ${#EXPORTS[@]} -gt 0 ]] && RUN_CMD+="export $(quote "${EXPORTS[@]}") && "
 RUN_CMD+="$(quote "$@")"
 [[ "$DRY_RUN" == "1" ]] && echo "#   run on every worker: $RUN_CMD"

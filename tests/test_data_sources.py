@@ -270,7 +270,7 @@ def test_cli_prints_canonical_json_lines(tmp_path):
     out = subprocess.run([sys.executable, "-m", "xft_jax.data", "--source=hh_rlhf_chosen",
                           f"--path={bad}", "--limit=0"],
                          capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 1 and f"{bad}:3: malformed JSON" in out.stderr
+    assert out.returncode == 2 and f"{bad}:3: malformed JSON" in out.stderr
     out = subprocess.run([sys.executable, "-m", "xft_jax.data", "--source=hh_rlhf_chosen",
                           f"--path={bad}", "--limit=0", "--on_error=skip"],
                          capture_output=True, text=True, env=env, timeout=60)

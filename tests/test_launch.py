@@ -28,7 +28,12 @@ def fakes(tmp_path):
     for tool in ("gcloud", "srun", "sbatch", "nvidia-smi"):
         body = (f"#!{sys.executable}\nimport json, os, sys\n"
                 f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])]"
-                f" + sys.argv[1:]) + '\\n')\n")
+                f" + sys.argv[1:]) + '\\n')\n"
+                # files copied whose name says they carry environment: content and mode
+                f"for a in sys.argv[1:]:\n"
+                f"    if 'xft_jax_env' in a and os.path.isfile(a):\n"
+                f"        open({str(log) + '.files'!r}, 'a').write(json.dumps([a, "
+                f"oct(os.stat(a).st_mode & 0o777), open(a).read()]) + '\\n')\n")
         if tool == "nvidia-smi":
             body += "print('GPU 0: fake\\nGPU 1: fake')\n"
         if tool == "srun":   # run the command once, like a 1-task step would
@@ -47,6 +52,11 @@ def fakes(tmp_path):
         return [json.loads(line) for line in log.read_text().splitlines()]
 
     return env, calls
+
+
+def fakes_log(env):
+    """The fakes' call log (beside their bin dir)."""
+    return os.path.join(os.path.dirname(env["PATH"].split(os.pathsep)[0]), "calls.jsonl")
 
 
 def _run(script, args, env, check=True):
@@ -78,7 +88,7 @@ def test_tpu_pod_dry_run_then_real_run(fakes):
     assert "hf_secret_value" not in p.stdout              # secrets are masked
     cmds = _printed(p.stdout)
     assert "tar -czf" in p.stdout.splitlines()[0]
-    scp, install, train = cmds[1], cmds[2], cmds[3]
+    scp, install, env_scp, train = cmds[1], cmds[2], cmds[3], cmds[4]
     where = ["--zone=us-central2-b", "--worker=all", "--project=proj"]
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[-3:] == where
     assert install[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-v4-32"]
@@ -87,29 +97,44 @@ def test_tpu_pod_dry_run_then_real_run(fakes):
     assert "tar -xzf /tmp/xft_jax_src.tgz -C xft_jax" in remote_install
     assert shlex.split(remote_install)[-4:] == ["install", "jax[tpu]>=0.10,<0.12", "-e",
                                                 "xft_jax"]
+    env_file = env_scp[5]
+    assert env_scp[:5] == scp[:5] and env_scp[6:] == [f"pod-v4-32:/tmp/"
+                                                      f"{os.path.basename(env_file)}", *where]
     remote = shlex.split(train[9].removeprefix("--command="))
-    assert remote[:3] == ["cd", "xft_jax", "&&"] and remote[3:6] == ["export", "HF_TOKEN=***",
-                                                                      "&&"]
-    assert remote[6:] == TRAIN                            # the command survives quoting
+    on_worker = f"/tmp/{os.path.basename(env_file)}"
+    # the values are read from the copied file, which is deleted before the command runs
+    assert remote[:12] == ["trap", f"rm -f {on_worker}", "EXIT", "&&", ".", on_worker, "&&",
+                           "rm", "-f", on_worker, "&&", "cd"]
+    assert remote[12:14] == ["xft_jax", "&&"]
+    assert remote[14:] == TRAIN                           # the command survives quoting
 
     # the real run issues the same gcloud commands (with the secret's value this time)
     _run("tpu_pod.sh", ["--", *TRAIN], env)
     real = calls()
     assert [c[:5] for c in real] == [["gcloud", "compute", "tpus", "tpu-vm", c[4]]
                                      for c in real]
-    assert [c[4] for c in real] == ["scp", "ssh", "ssh"]
+    assert [c[4] for c in real] == ["scp", "ssh", "scp", "ssh"]
     assert real[0] == cmds[1] and real[1] == cmds[2]
-    assert real[2][:9] == cmds[3][:9]
-    assert shlex.split(real[2][9].removeprefix("--command="))[3:6] == [
-        "export", "HF_TOKEN=hf_secret_value", "&&"]
+    assert real[3][:9] == cmds[4][:9]
+    # the secret is on no command line; it reached the workers in a 0600 file, removed here
+    assert not any("hf_secret_value" in arg for call in real for arg in call)
+    copied = [json.loads(line) for line in open(str(fakes_log(env)) + ".files")]
+    assert len(copied) == 1 and copied[0][1] == "0o600"
+    assert copied[0][2] == "export HF_TOKEN=hf_secret_value\n"
+    assert real[2][6] == f"pod-v4-32:/tmp/{os.path.basename(copied[0][0])}"
+    assert f". /tmp/{os.path.basename(copied[0][0])} &&" in real[3][9]
+    assert not os.path.exists(copied[0][0])
     assert os.path.getsize(scp[5]) > 1000                 # the source tarball was packed
     listing = subprocess.run(["tar", "-tzf", scp[5]], capture_output=True, text=True,
                              timeout=60).stdout.split()
     assert "xft_jax/sharding.py" in listing and "launch/tpu_pod.sh" in listing
 
     # --skip_install: only the run; missing settings fail before doing anything
-    p = _run("tpu_pod.sh", ["--dry_run", "--skip_install", "--", "echo", "hi"], env)
+    no_fwd = {k: v for k, v in env.items() if k != "FORWARD_ENV"}
+    p = _run("tpu_pod.sh", ["--dry_run", "--skip_install", "--", "echo", "hi"], no_fwd)
     assert len(_printed(p.stdout)) == 1
+    p = _run("tpu_pod.sh", ["--dry_run", "--skip_install", "--", "echo", "hi"], env)
+    assert [c[4] for c in _printed(p.stdout)] == ["scp", "ssh"]   # the env file, the run
     for drop in ("TPU_NAME", "ZONE"):
         p = _run("tpu_pod.sh", ["--", "echo"], {k: v for k, v in env.items() if k != drop},
                  check=False)

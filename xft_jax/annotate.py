@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from xft_jax import errors
 
 from xft_jax.data import (annotation, export, local_annotator, openai_client, sources, splits,
                           synthetic)
 from xft_jax.data.annotation_prompts import VARIANTS
-from xft_jax.data.readers import DataError, LoadReport
+from xft_jax.data.readers import LoadReport
 
 _SOURCE = flags.DEFINE_enum("source", None, sorted(sources.SOURCES), "Source to rate.")
 _PATH = flags.DEFINE_string("path", None, "Local file/dir in the source's schema (default: "
@@ -51,6 +52,9 @@ _TFDS = flags.DEFINE_bool("tfds", True, "Also build the TFDS (array_record) data
 _NUM_SYNTHETIC = flags.DEFINE_integer("num_synthetic", synthetic.DEFAULT_NUM_ITEMS,
                                       "Items generated for --source=synthetic.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic corpus.")
+_MAX_FAILED_FRACTION = flags.DEFINE_float(
+    "max_failed_fraction", 0.05, "Stop without writing when more than this fraction of "
+    "the annotation requests failed (network, HTTP errors); 0 tolerates none.")
 
 
 def _load_annotators(path: str) -> list:
@@ -58,16 +62,36 @@ def _load_annotators(path: str) -> list:
         try:
             cfgs = json.load(f)
         except json.JSONDecodeError as e:
-            raise app.UsageError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+            raise errors.ConfigValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
     if not isinstance(cfgs, list) or not cfgs:
-        raise app.UsageError(f"{path}: expected a non-empty JSON list of annotators")
+        raise errors.ConfigValueError(f"{path}: expected a non-empty JSON list of annotators")
     defaults = {"timeout": _TIMEOUT.value, "max_retries": _MAX_RETRIES.value,
                 "backoff": _BACKOFF.value}
     try:
         return [local_annotator.from_config(c) if isinstance(c, dict) and c.get("type") == "local"
                 else openai_client.from_config(c, **defaults) for c in cfgs]
     except (ValueError, OSError) as e:
-        raise app.UsageError(f"{path}: {e}") from None
+        raise errors.ConfigValueError(f"{path}: {e}") from None
+
+
+def check_failures(report: annotation.AnnotationReport, max_fraction: float) -> None:
+    """Stops (before anything is written) when no item was rated, or when more than
+    ``max_fraction`` of the requests sent failed; the failures are named by kind."""
+    failed = sum(report.failed.values())
+    sent = report.requests
+    kinds = ", ".join(f"{n} x {k}" for k, n in sorted(report.failed.items())) or "none"
+    if report.items and not report.rated:
+        raise AnnotationFailedError(f"no item was rated ({report.items} items, {failed} of "
+                                    f"{sent} requests failed: {kinds}); nothing written")
+    if sent and failed / sent > max_fraction:
+        raise AnnotationFailedError(
+            f"{failed} of {sent} annotation requests failed ({kinds}), more than "
+            f"--max_failed_fraction={max_fraction}; nothing written. Answers received are "
+            f"cached: fix the endpoint and rerun")
+
+
+class AnnotationFailedError(errors.UserError, RuntimeError):
+    """Too many annotation requests failed for the result to stand for the ensemble."""
 
 
 def main(argv):
@@ -84,18 +108,16 @@ def main(argv):
                                  "seed": _SEED.value, "items": len(examples)}
     else:
         if not _ANNOTATORS.value:
-            raise app.UsageError("--annotators is required for real sources")
+            raise errors.ConfigValueError("--annotators is required for real sources")
         annotators = _load_annotators(_ANNOTATORS.value)
         by_name = {a.name: a for a in annotators}
         if _SUMMARIZER.value and _SUMMARIZER.value not in by_name:
-            raise app.UsageError(f"--summarizer={_SUMMARIZER.value} is not in {sorted(by_name)}")
+            raise errors.ConfigValueError(f"--summarizer={_SUMMARIZER.value} is not in "
+                                          f"{sorted(by_name)}")
         report = LoadReport()
-        try:
-            convs = sources.load_source(source, _PATH.value, _LIMIT.value, _ON_ERROR.value,
-                                        report)
-        except DataError as e:  # names file and line; nothing has been written
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        # A DataError names file and line; nothing has been written yet.
+        convs = sources.load_source(source, _PATH.value, _LIMIT.value, _ON_ERROR.value,
+                                    report)
         summary["load"] = report.to_dict()
         logging.info("loaded %s: %s", source, report.summary())
         picked = splits.sample_split(convs, _NUM_TRAIN.value, _NUM_TEST.value)
@@ -110,8 +132,15 @@ def main(argv):
         summary["annotation"] = ann_report.to_dict()
         summary["annotators"] = [{"name": a.name, "model": a.model, "url": a.url,
                                   "api_key_env": a.api_key_env} for a in annotators]
+        check_failures(ann_report, _MAX_FAILED_FRACTION.value)
         ids = {ex.id: ex for ex in rated}
         parts = {s: [ids[c.id] for c in picked[s] if c.id in ids] for s in ("train", "test")}
+    for split in ("train", "test"):
+        if not parts[split]:
+            raise errors.UserError(
+                f"the {split} split is empty ({len(parts['train'])} train, "
+                f"{len(parts['test'])} test items rated): nothing written to {out_dir}; "
+                f"rate more items (raise --limit / --num_{split})")
     summary.update(export.split_summary(parts["train"], parts["test"]))
     paths = export.export(out_dir, source, parts["train"], parts["test"], summary,
                           with_tfds=_TFDS.value)
@@ -123,4 +152,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["source", "out_dir"])
-    app.run(main)
+    errors.run_main(main)

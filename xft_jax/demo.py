@@ -13,8 +13,10 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "demo.py")
 
-from absl import app, logging  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from xft_jax import errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Demo config.")
 
@@ -31,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_main(main)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xft_jax.errors import ConfigValueError
 from xft_jax.atomic import write_text as atomic_write
 from xft_jax import generation, metrics, scoring, sharding
 from xft_jax.data.encode import ROOM_PERCENTILE
@@ -59,14 +60,14 @@ def load_model(mc, mesh) -> Loaded:
     from xft_jax.models import hf_io, load_tokenizer
 
     if bool(mc.workdir) == bool(mc.path):
-        raise ValueError("set exactly one of config.model.workdir (a training run) and "
-                         "config.model.path (an HF base or merged checkpoint)")
+        raise ConfigValueError("set exactly one of config.model.workdir (a training run) and "
+                               "config.model.path (an HF base or merged checkpoint)")
     if mc.workdir:
         from xft_jax.training.base_model import tokenizer_path
         from xft_jax.training.restore import load_trained
 
         if mc.adapter:
-            raise ValueError("config.model.adapter is for config.model.path, not a workdir")
+            raise ConfigValueError("config.model.adapter is for config.model.path, not a workdir")
         step, chosen = checkpoint_step(mc.workdir, mc.step)
         model, meta, step = load_trained(mc.workdir, step, dtype=mc.dtype or None,
                                          mesh=mesh)
@@ -137,11 +138,11 @@ def eval_batches(d, tokenizer, batch_size: int):
     from xft_jax.training.data import build_splits, explanation_vocab, prompt_room, target_room
 
     if d.split not in SPLITS:
-        raise ValueError(f"config.data.split={d.split!r}: expected one of {SPLITS}")
+        raise ConfigValueError(f"config.data.split={d.split!r}: expected one of {SPLITS}")
     splits = build_splits(d)
     examples = list(getattr(splits, d.split))[:d.max_examples]
     if not examples:
-        raise ValueError(f"{splits.origin}: the {d.split} split is empty")
+        raise ConfigValueError(f"{splits.origin}: the {d.split} split is empty")
     room = prompt_room(d)
     vocab = explanation_vocab(splits, d.axis, (d.target, *room))
     troom = target_room(d, splits, tokenizer, vocab)
@@ -152,7 +153,7 @@ def eval_batches(d, tokenizer, batch_size: int):
                                     process_count=1, sort_by_length=True,
                                     buckets=pipeline.length_buckets(int(d.max_len)))
     if batches.stats.kept == 0:
-        raise ValueError(
+        raise ConfigValueError(
             f"{splits.origin}: none of the {len(examples)} {d.split} examples fits "
             f"data.max_len={d.max_len} (longest prompts are dropped, not cut); raise "
             f"--config.data.max_len")

@@ -11,7 +11,9 @@ base copied along).
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from xft_jax import errors
 
 # The library function (import it from xft_jax.training.export_run: importing this main
 # defines its absl flags). Kept here under its old name for existing callers.
@@ -22,6 +24,7 @@ _FORMAT = flags.DEFINE_enum("format", "peft", ["peft", "merged"], "Export format
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the one the run "
                              "selected on validation, else the latest).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out whole.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Base dtype for the merge / saved weights "
                              "(default: the run's model.dtype).")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -31,8 +34,9 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:   # orbax logs every file it reads at INFO
         logging.set_verbosity(logging.WARNING)
-    print(export(_WORKDIR.value, _FORMAT.value, _OUT.value, _STEP.value, _DTYPE.value))
+    print(export(_WORKDIR.value, _FORMAT.value, _OUT.value, _STEP.value, _DTYPE.value,
+                 _OVERWRITE.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_main(main)

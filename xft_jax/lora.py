@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from xft_jax import atomic, sharding
+from xft_jax.errors import MissingPathError, UserError
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import (LINEAR_NAMES, Decoder, leaf_axes, linear_shape,
                                    params_tree)
@@ -37,7 +38,7 @@ _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-class LoRAError(ValueError):
+class LoRAError(UserError, ValueError):
     """An adapter that does not fit the model or uses a PEFT feature we do not support."""
 
 
@@ -291,7 +292,7 @@ _KEY_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)
 def read_peft_config(adapter_dir: str) -> LoRAConfig:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no PEFT adapter config")
+        raise MissingPathError(f"{path}: no PEFT adapter config")
     with open(path, encoding="utf-8") as f:
         d = json.load(f)
     if d.get("peft_type", "LORA") != "LORA":
@@ -319,7 +320,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: str, mesh=None) -> LoRA:
     cfg = read_peft_config(adapter_dir)
     wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.exists(wpath):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{wpath}: missing (pickled adapter_model.bin files are refused; convert to "
             f"safetensors)")
     meta_path = os.path.join(adapter_dir, METADATA_FILE)

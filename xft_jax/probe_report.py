@@ -16,6 +16,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from xft_jax.errors import ConfigValueError
 from xft_jax import eval_lib, probe_lib, scoring
 
 TITLES = {
@@ -120,7 +121,7 @@ def run_probes(config, out_dir: str, workdirs: Sequence[str] = (),
                variants: Sequence[str] = ()) -> dict:
     """Probes each workdir (or ``config.model.path`` when none) and writes the outputs."""
     if variants and len(variants) != len(workdirs):
-        raise ValueError(f"--variants has {len(variants)} names for {len(workdirs)} workdirs")
+        raise ConfigValueError(f"--variants has {len(variants)} names for {len(workdirs)} workdirs")
     mesh = eval_lib.make_mesh(config)
     runs = []
     for i, wd in enumerate(workdirs or [None]):

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from xft_jax import sharding
+from xft_jax.errors import UserError
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import LINEAR_NAMES, Decoder, leaf_axes
 
@@ -56,7 +57,7 @@ NF4_MAX_REL_ERROR = float(np.max(np.diff(NF4_LEVELS)) / 2)
 INT8_MAX_REL_ERROR = 1.0 / 127 / 2
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UserError, ValueError):
     """A quantisation setting or weight that cannot be quantised as asked."""
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
+
+from xft_jax import errors
 
 from xft_jax.study import report_io
 
@@ -40,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_main(main)

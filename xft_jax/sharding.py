@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xft_jax.errors import ConfigValueError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -51,20 +53,20 @@ def create_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+        raise ConfigValueError(f"mesh: at most one axis may be -1, got {sizes}")
     for k, v in sizes.items():
         if v == 0 or v < -1:
-            raise ValueError(f"mesh.{k}={v}: sizes must be positive or -1")
+            raise ConfigValueError(f"mesh.{k}={v}: sizes must be positive or -1")
     fixed = int(np.prod([v for v in sizes.values() if v != -1]))
     if free:
         if n % fixed:
-            raise ValueError(
+            raise ConfigValueError(
                 f"mesh {sizes}: the fixed sizes multiply to {fixed}, which does not divide "
                 f"the {n} available devices")
         sizes[free[0]] = n // fixed
     total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
     if total != n:
-        raise ValueError(
+        raise ConfigValueError(
             f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} "
             f"= {total} devices, but {n} are available")
     shape = (sizes["data"], sizes["fsdp"], sizes["tensor"])

@@ -19,9 +19,10 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from xft_jax import errors
 from xft_jax.study import grid
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Sweep config.")
@@ -105,4 +106,4 @@ def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_o
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_main(main)

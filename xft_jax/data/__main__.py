@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from xft_jax import errors
 
 from xft_jax.data import sources
-from xft_jax.data.readers import DataError, LoadReport
+from xft_jax.data.readers import LoadReport
 
 _SOURCE = flags.DEFINE_enum("source", None, sorted(sources.SOURCES), "Source name.")
 _PATH = flags.DEFINE_string("path", None, "File or directory in the source's own schema; "
@@ -25,12 +27,8 @@ _ON_ERROR = flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
 def main(argv):
     del argv
     report = LoadReport()
-    try:
-        convs = sources.load_source(_SOURCE.value, _PATH.value, _LIMIT.value or None,
-                                    _ON_ERROR.value, report)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    convs = sources.load_source(_SOURCE.value, _PATH.value, _LIMIT.value or None,
+                                _ON_ERROR.value, report)
     for line in sources.conversations_to_jsonl(convs):
         print(line)
     print(f"{_SOURCE.value}: {report.summary()}", file=sys.stderr)
@@ -41,4 +39,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("source")
-    app.run(main)
+    errors.run_main(main)

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Callable, Protocol, runtime_checkable
 
@@ -59,6 +60,10 @@ class OpenAIChatAnnotator:
         if api_key_env is not None and not os.environ.get(api_key_env):
             raise ValueError(f"annotator {name!r}: environment variable {api_key_env} "
                              "(api_key_env) is not set")
+        scheme = urllib.parse.urlsplit(str(base_url)).scheme.lower()
+        if scheme not in ("http", "https") or not urllib.parse.urlsplit(str(base_url)).netloc:
+            raise ValueError(f"annotator {name!r}: base_url={base_url!r} must be an http:// "
+                             f"or https:// URL")
         self.name, self.model = name, model
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env

@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from xft_jax.data.encode import SEQ_FIELDS, EncodeStats, Encoder, label_token_ids
+from xft_jax.data.readers import DataError
 from xft_jax.data.schema import RatedExample
 from xft_jax.data.splits import build_datasets  # noqa: F401  (re-exported for trainers)
 from xft_jax.data.targets import ExplanationVocab
@@ -227,6 +228,10 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
         return Batches(ds.to_iter_dataset(read_options), stats, encoder.label_ids, kept_ids,
                        num_batches, False, digest)
     if len(ds) == 0:
+        if stats.kept == 0:
+            raise DataError(f"none of the {stats.total} training examples fits max_len="
+                            f"{max_len} ({stats.dropped} are longer even with their context "
+                            f"cut): raise data.max_len")
         raise ValueError(f"host {pi}/{pc} has no training examples "
                          f"({stats.kept} encoded of {stats.total})")
     if shuffle:

@@ -18,13 +18,14 @@ import json
 import os
 
 from xft_jax.atomic import atomic_open
+from xft_jax.errors import UserError
 from typing import Any, Iterator
 
 ROW_EXTENSIONS = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet", ".csv",
                   ".tsv")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data. The message starts with where it is ("file:line: ...")."""
 
 

@@ -13,11 +13,14 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+from xft_jax.errors import UserError
+
 AXES = ("naturalness", "comprehensiveness", "on_topic")
+RATED_FIELDS = ("id", "source", "context", "response", "ratings")
 MIN_LABEL, MAX_LABEL = 1, 5
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A record that breaks the canonical schema; the message names item and field."""
 
 
@@ -126,7 +129,23 @@ class AxisRating:
         missing = [k for k in names if k not in d]
         if missing:
             raise SchemaError(f"missing field(s) {missing}")
-        return cls(**{k: d[k] for k in names})
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise SchemaError(f"unknown field(s) {unknown}; fields are {names}")
+        rating = cls(**{k: d[k] for k in names})
+        rating.check_consistent()
+        return rating
+
+    def check_consistent(self) -> None:
+        """The label must be what its own scores give (``aggregate``: the mean of the
+        scores, rounded half-up): a record that contradicts itself is refused."""
+        mean = sum(self.scores) / len(self.scores)
+        if abs(mean - self.mean) > 1e-6:
+            raise SchemaError(f"mean {self.mean} is not the mean of its scores ({mean:g})")
+        expected = min(MAX_LABEL, max(MIN_LABEL, math.floor(self.mean + 0.5)))
+        if self.label != expected:
+            raise SchemaError(f"label {self.label} contradicts its scores (mean "
+                              f"{self.mean:g} gives label {expected})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +191,10 @@ class RatedExample:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RatedExample":
+        unknown = sorted(set(d) - set(RATED_FIELDS))
+        if unknown:
+            raise SchemaError(f"example {d.get('id')!r}: unknown field(s) {unknown}; fields "
+                              f"are {list(RATED_FIELDS)}")
         conv = Conversation.from_dict(d)
         ratings = d.get("ratings")
         if not isinstance(ratings, Mapping):

@@ -447,7 +447,7 @@ def iter_source(name: str, path: str | None = None, *, on_error: str = "raise",
             yield c
         return
     src = SOURCES[name]
-    seen: dict[str, Conversation] = {}
+    seen: dict[str, tuple[Conversation, str]] = {}
     for where, row in _rows(src, path, split, policy):
         try:
             items = src.convert(row)
@@ -460,12 +460,15 @@ def iter_source(name: str, path: str | None = None, *, on_error: str = "raise",
             elif isinstance(item, NotRateable):
                 policy.report.add_skip(where, item.reason)
             elif item.id in seen:
-                if seen[item.id] != item:
-                    policy.fail(where, f"duplicate id: {item.id} with different content")
-                else:
-                    policy.report.duplicates += 1
+                if seen[item.id][0] != item:
+                    # Not a bad row that can be skipped: either copy may be the right one,
+                    # and the other was already kept, so this stops even with on_error=skip.
+                    raise DataError(f"{where}: duplicate id: {item.id} with different "
+                                    f"content than at {seen[item.id][1]}; ids must name one "
+                                    f"conversation (fix or remove one of the two rows)")
+                policy.report.duplicates += 1
             else:
-                seen[item.id] = item
+                seen[item.id] = (item, where)
                 policy.report.items += 1
                 yield item
 

@@ -112,6 +112,42 @@ def _jsonl_dir(path: str, source: str) -> str | None:
     return None
 
 
+def _check_both_splits(path: str, source: str) -> None:
+    """A directory with one of train.jsonl / test.jsonl but not the other is named as
+    such, not mistaken for a missing TFDS dataset."""
+    for d in (path, os.path.join(path, source)):
+        have = [s for s in ("train", "test") if os.path.isfile(os.path.join(d, f"{s}.jsonl"))]
+        if len(have) == 1:
+            other = "test" if have == ["train"] else "train"
+            raise DataError(f"{os.path.join(d, other + '.jsonl')}: missing (found "
+                            f"{have[0]}.jsonl beside it): rerun xft_jax.annotate, which "
+                            f"writes both splits")
+
+
+def check_splits(train: Sequence[RatedExample], test: Sequence[RatedExample],
+                 train_where: str, test_where: str) -> None:
+    """Rated splits a run can trust: a non-empty train split, unique ids within each
+    split (duplicates with different content are ambiguous; identical ones would count
+    twice) and no example in both train and test."""
+    if not train:
+        raise DataError(f"{train_where}: the training split has no examples")
+    for examples, where in ((train, train_where), (test, test_where)):
+        seen: dict = {}
+        for ex in examples:
+            if ex.id in seen:
+                kind = "identical" if seen[ex.id] == ex else "different content"
+                raise DataError(f"{where}: example id {ex.id!r} appears twice ({kind}); "
+                                f"ids must be unique")
+            seen[ex.id] = ex
+    train_ids = {ex.id for ex in train}
+    train_text = {(ex.conversation.context, ex.conversation.response) for ex in train}
+    for ex in test:
+        if ex.id in train_ids or (ex.conversation.context,
+                                  ex.conversation.response) in train_text:
+            raise DataError(f"{test_where}: example {ex.id!r} is also in the training split "
+                            f"({train_where}): train and test must not overlap")
+
+
 def build_datasets(source: str, path: str | None = None, *, num_train: int | None = None,
                    num_test: int | None = None, seed: int = 0,
                    num_synthetic: int | None = None,
@@ -141,16 +177,21 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
         raise DataError(f"{source}: data.path is required (the output of xft_jax.annotate)")
     if not os.path.isdir(path):
         raise DataError(f"{path}: not a directory of rated data")
+    _check_both_splits(path, source)
     jsonl = _jsonl_dir(path, source)
     if jsonl is not None:
         train = read_rated_jsonl(os.path.join(jsonl, "train.jsonl"))
         test = read_rated_jsonl(os.path.join(jsonl, "test.jsonl"))
         origin = jsonl
+        check_splits(train, test, os.path.join(jsonl, "train.jsonl"),
+                     os.path.join(jsonl, "test.jsonl"))
     else:
         sources = tfds_builder.load(path, source)
         train = [tfds_builder.record_to_example(r) for r in _records(sources["train"])]
         test = [tfds_builder.record_to_example(r) for r in _records(sources["test"])]
         origin = f"tfds:{path}"
+    if jsonl is None:
+        check_splits(train, test, f"{origin} (train)", f"{origin} (test)")
     for ex in train + test:
         if ex.conversation.source != source:
             raise DataError(f"{origin}: example {ex.id!r} is from {ex.conversation.source!r}, "

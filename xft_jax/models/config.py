@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from xft_jax.errors import UserError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -21,8 +23,35 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json this project cannot represent faithfully."""
+
+
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim",
+             "max_position_embeddings", "sliding_window", "bos_token_id", "pad_token_id")
+_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_types(d: dict[str, Any], source: str) -> None:
+    """A value of the wrong JSON type is named with its file and key here, instead of
+    failing later with an error that names neither."""
+    for key in _INT_KEYS:
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{source}: {key}={v!r} must be an integer")
+        if key not in ("bos_token_id", "pad_token_id") and v is not None and v <= 0 and (
+                key != "sliding_window"):
+            raise ConfigError(f"{source}: {key}={v!r} must be positive")
+    for key in _FLOAT_KEYS:
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{source}: {key}={v!r} must be a number")
+    eos = d.get("eos_token_id")
+    for v in eos if isinstance(eos, list) else [eos]:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{source}: eos_token_id={eos!r} must be an integer or a list "
+                              f"of integers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +125,8 @@ class ModelConfig:
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
             return d[key]
+
+        _check_types(d, source)
 
         act = d.get("hidden_act", "silu")
         if act != "silu":

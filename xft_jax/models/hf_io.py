@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xft_jax import atomic, sharding
+from xft_jax import atomic, errors, sharding
+from xft_jax.errors import UserError
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import Decoder, leaf_axes
 from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
@@ -48,8 +49,11 @@ TRANSPOSED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that does not match the model it claims to be."""
+
+
+errors.register(SafetensorsError)   # a malformed file the user pointed us at
 
 
 # ------------------------------------------------------------------------ index
@@ -218,6 +222,11 @@ def _stacked_sharding(s):
     return s
 
 
+@jax.jit
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
+
+
 def _hf_layer_name(i: int, leaf: str) -> str:
     return LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf]
 
@@ -244,6 +253,9 @@ def _load_tensors(files, tensor_reads, n: int, np_dtype, transform=None) -> dict
         key = tuple(keys)
         arr = _convert(*_read_array(files[name], name, keys[-1], shape, shard, np_dtype),
                        shard, np_dtype)
+        if not bool(_all_finite(arr)):
+            raise CheckpointError(f"{files[name].path}: tensor {name!r} holds NaN or inf "
+                                  f"values; the checkpoint is damaged: use an intact copy")
         out = arr if transform is None else transform(key, arr)
         del arr
         if i is None:
@@ -294,7 +306,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
       are quantised layer by layer as they are read (``quant_block`` rows per scale).
     """
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: checkpoint directory not found")
+        raise errors.MissingPathError(f"{path}: checkpoint directory not found")
     cfg = ModelConfig.from_pretrained(path)
     files, _ = _tensor_index(path)
     expected = expected_hf_shapes(cfg)
@@ -308,6 +320,12 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             raise CheckpointError(
                 f"{files[name].path}: tensor {name!r} has shape {tuple(found)}, expected "
                 f"{tuple(shape)} from config.json")
+        stored = np.dtype(files[name].tensors[name]["dtype"])
+        if not jnp.issubdtype(stored, jnp.floating):
+            raise CheckpointError(
+                f"{files[name].path}: tensor {name!r} is stored as {stored.name}, expected a "
+                f"floating-point dtype (float32, float16 or bfloat16): the header is damaged "
+                f"or the file is not this model's")
     for name in files:
         if name in expected or IGNORED.match(name):
             continue

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+from xft_jax.errors import MissingPathError
+
 _MISTRAL_V1_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
@@ -29,10 +31,10 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: tokenizer directory not found")
+        raise MissingPathError(f"{path}: tokenizer directory not found")
     names = set(os.listdir(path))
     if not names & {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"}:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{path}: no tokenizer.json, tokenizer.model or tokenizer_config.json found")
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 

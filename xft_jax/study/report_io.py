@@ -8,6 +8,7 @@ import os
 from typing import Sequence
 
 from xft_jax import atomic
+from xft_jax.errors import MissingPathError
 from xft_jax.study import plots, tables
 from xft_jax.study.grid import cells
 
@@ -16,8 +17,8 @@ def grid_of(sweep_dir: str) -> dict:
     """The grid recorded by the sweep (sweep.json), so the report needs no flags."""
     path = os.path.join(sweep_dir, "sweep.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not found; pass the grid (sources, axes, variants, "
-                                f"seeds) explicitly or run the sweep first")
+        raise MissingPathError(f"{path}: not found; pass the grid (sources, axes, variants, "
+                               f"seeds) explicitly or run the sweep first")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from xft_jax.errors import ConfigValueError
 from xft_jax.study import bootstrap
 from xft_jax.study.grid import Cell
 
@@ -49,7 +50,7 @@ def load_cell(sweep_dir: str, cell: Cell) -> CellResult | None:
             try:
                 correct[row["id"]] = float(int(row["gold"]) == int(row["predicted"]))
             except (KeyError, ValueError) as e:
-                raise ValueError(f"{ppath}:{lineno}: bad prediction row {row!r} ({e})") from e
+                raise ConfigValueError(f"{ppath}:{lineno}: bad prediction row {row!r} ({e})") from e
     return CellResult(cell, metrics, correct)
 
 

@@ -14,6 +14,7 @@ import shutil
 import jax
 from flax import nnx
 
+from xft_jax.errors import ConfigValueError, MissingPathError
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import Decoder
 
@@ -62,12 +63,12 @@ def resolve_base_path(config, workdir: str) -> str:
     path = str(config.model.get("path", "") or "")
     if path:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"config.model.path={path!r}: not a directory")
+            raise MissingPathError(f"config.model.path={path!r}: not a directory")
         return path
     r = config.model.get("random", None)
     if r is None:
-        raise ValueError("config.model.path is empty and config.model.random is not set: "
-                         "give the HF checkpoint directory of the base model")
+        raise ConfigValueError("config.model.path is empty and config.model.random is not set: "
+                               "give the HF checkpoint directory of the base model")
     return build_random_checkpoint(os.path.join(os.path.abspath(workdir), "base_model"), r)
 
 

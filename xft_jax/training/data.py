@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from xft_jax.errors import ConfigValueError
 from xft_jax import sharding
 from xft_jax.training.step import TRAIN_KEYS
 
@@ -116,8 +117,8 @@ def prompt_room(d) -> tuple[str, ...]:
     room = d.get("prompt_room", None)
     room = PAPER_VARIANTS if room is None else room
     if isinstance(room, str) or not all(v in TARGET_VARIANTS for v in room):
-        raise ValueError(f"config.data.prompt_room={room!r}: expected a tuple of target "
-                         f"variants from {TARGET_VARIANTS}")
+        raise ConfigValueError(f"config.data.prompt_room={room!r}: expected a tuple of target "
+                               f"variants from {TARGET_VARIANTS}")
     return tuple(room)
 
 

@@ -5,16 +5,45 @@ Library side of ``python -m xft_jax.export``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+
+from xft_jax import atomic
+from xft_jax.errors import ConfigValueError, UserError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
 FORMATS = ("peft", "merged")
 
 
+class ExportPathError(UserError, ValueError):
+    """An export destination that would overwrite something it must not."""
+
+
+def _inside(path: str, parent: str) -> bool:
+    return os.path.commonpath([path, parent]) == parent
+
+
+def check_out_dir(out: str, workdir: str, base_path: str, overwrite: bool) -> None:
+    """Refuses an ``out`` that is (or contains) the run's base model or workdir, and an
+    existing non-empty directory unless ``overwrite``."""
+    real = os.path.realpath(out)
+    for what, path in (("the run's base model", base_path), ("the run's workdir", workdir)):
+        p = os.path.realpath(path)
+        if real == p or _inside(p, real):
+            raise ExportPathError(f"--out={out} is {what} ({path}) or holds it: exporting "
+                                  f"there would overwrite it; choose another --out")
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise ExportPathError(f"--out={out} is a file, not a directory")
+    if os.path.isdir(real) and os.listdir(real) and not overwrite:
+        raise ExportPathError(f"--out={out} is not empty: choose an empty or new directory, "
+                              f"or pass --overwrite to replace it whole")
+
+
 def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
-               dtype: str | None = None) -> str:
+               dtype: str | None = None, overwrite: bool = False) -> str:
     """Writes the run's checkpoint ``step`` to ``out``; by default the step the run
     selected on validation (``training.selection``), else its latest.
 
@@ -22,6 +51,9 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
       ``peft.PeftModel.from_pretrained(base, out)``.
     merged: an HF checkpoint with the adapters folded into the base (merge in float32,
       saved in ``dtype`` or the run's model.dtype), tokenizer files of the base copied.
+
+    Everything is written to a directory beside ``out`` and swapped in whole when
+    complete, so ``out`` never mixes files of two exports (a stale shard index, say).
     """
     import jax.numpy as jnp
 
@@ -30,17 +62,43 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
     from xft_jax.training.restore import load_trained
 
     if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+        raise ConfigValueError(f"format={fmt!r}; expected one of {FORMATS}")
     if step is None:
         step = selection.selected_step(workdir)
+    check_out_dir(out, workdir, _base_path_of(workdir, step), overwrite)
     model, meta, step = load_trained(workdir, step, dtype=dtype, dense=True)
     base_path = meta["lora"]["base_model_path"]
-    if fmt == "peft":
-        lora_lib.save_peft_adapter(model, out, base_model_path=base_path)
-    else:
-        lora_lib.save_merged(model, out, dtype=jnp.dtype(dtype) if dtype else None)
-        for name in TOKENIZER_FILES:
-            src = os.path.join(base_path, name)
-            if os.path.exists(src):
-                shutil.copyfile(src, os.path.join(out, name))
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.export-")
+    try:
+        if fmt == "peft":
+            lora_lib.save_peft_adapter(model, staging, base_model_path=base_path)
+        else:
+            lora_lib.save_merged(model, staging, dtype=jnp.dtype(dtype) if dtype else None)
+            for name in TOKENIZER_FILES:
+                src = os.path.join(base_path, name)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(staging, name))
+        atomic.replace_dir(staging, out)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(staging)
     return f"exported step {step} of {workdir} as {fmt} to {out}"
+
+
+def _base_path_of(workdir: str, step: int | None) -> str:
+    """The run's base model path from its checkpoint metadata (read before any load)."""
+    from xft_jax.errors import MissingPathError
+    from xft_jax.training.checkpoint import Checkpoints
+
+    if not os.path.isdir(workdir):
+        raise MissingPathError(f"{workdir}: no such training run directory")
+    ckpts = Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"), create=False)
+    try:
+        meta = ckpts.newest_readable_meta()[1] if step is None else ckpts.read_meta(step)
+        if meta is None:
+            raise MissingPathError(f"{ckpts.directory}: no checkpoint to export")
+        return meta["lora"]["base_model_path"]
+    finally:
+        ckpts.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import optax
 
+from xft_jax.errors import ConfigValueError
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -16,9 +18,9 @@ def make_schedule(lr: float, steps: int, warmup_steps: int = 0, kind: str = "cos
     """Linear warm-up from 0, then constant / linear decay / cosine decay to
     ``lr * end_lr_ratio`` at ``steps``."""
     if kind not in SCHEDULES:
-        raise ValueError(f"optim.schedule={kind!r}; expected one of {SCHEDULES}")
+        raise ConfigValueError(f"optim.schedule={kind!r}; expected one of {SCHEDULES}")
     if steps < 1:
-        raise ValueError(f"train.steps={steps}: must be >= 1")
+        raise ConfigValueError(f"train.steps={steps}: must be >= 1")
     warmup_steps = max(0, min(int(warmup_steps), steps))
     decay = max(1, steps - warmup_steps)
     if kind == "constant":

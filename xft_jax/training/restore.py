@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
 from xft_jax import sharding
+from xft_jax.errors import MissingPathError
 from xft_jax.models import hf_io
 from xft_jax.training import optim
 from xft_jax.training.checkpoint import Checkpoints
@@ -29,11 +30,18 @@ def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None
     is quantised again exactly as in training, so its adapters are evaluated on the
     weights they were trained against; ``dense=True`` loads the unquantised base instead
     (needed to merge)."""
-    ckpts = Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    if not os.path.isdir(workdir):
+        raise MissingPathError(f"{workdir}: no such training run directory")
+    ckpts = Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"), create=False)
     try:
-        step = ckpts.latest_step() if step is None else step
+        requested = step
         if step is None:
-            raise FileNotFoundError(f"{ckpts.directory}: no checkpoint to load")
+            step, _ = ckpts.newest_readable_meta()
+        if step is None:
+            raise MissingPathError(f"{ckpts.directory}: no checkpoint to load")
+        if step not in ckpts.all_steps():
+            raise MissingPathError(f"{ckpts.directory}: no checkpoint of step {step} "
+                                   f"(steps: {ckpts.all_steps()})")
         meta = ckpts.read_meta(step)
         config = ml_collections.ConfigDict(meta["config"])
         lmeta = meta["lora"]
@@ -66,7 +74,10 @@ def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None
                     "opt_state": abstract_like(opt_abs, opt_sh),
                     "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
                     "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-        state, _, meta = ckpts.restore(step, abstract)
+        if requested is None:      # the newest that verifies, with a warning if not latest
+            step, state, _, meta = ckpts.restore_verified(abstract)
+        else:
+            state, _, meta = ckpts.restore(step, abstract)
         lora_lib.set_lora_tree(model, state["lora"])
         return model, meta, step
     finally:

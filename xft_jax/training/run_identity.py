@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from xft_jax.errors import UserError
+
 # Keys that change how a run is executed or where its inputs live, not what it computes:
 # layout on devices, logging/checkpoint cadence, kernels and recomputation, the loss's
 # chunking, and paths (a moved base model or data file is checked by content where that
@@ -37,7 +39,7 @@ class _Absent:
 _ABSENT = _Absent()
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(UserError, ValueError):
     """A run or cell was asked to continue under settings it did not start with."""
 
 

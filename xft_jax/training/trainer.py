@@ -14,9 +14,11 @@ and saves a checkpoint; the one with the best validation accuracy is kept and re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -30,9 +32,13 @@ from xft_jax import lora as lora_lib
 from xft_jax import atomic, scoring, sharding
 from xft_jax.models import attention, hf_io
 from xft_jax.models.tokenizer import load_tokenizer
+from xft_jax.errors import ConfigValueError, is_user_error
+from xft_jax.models.config import ModelConfig
 from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim, run_identity
 from xft_jax.training import selection
 from xft_jax.training.checkpoint import Checkpoints
+from xft_jax.training.config_checks import check_train_config
+from xft_jax.training.workdir_lock import WorkdirLock
 from xft_jax.training.metrics_log import RunLogger
 from xft_jax.training.step import (StepConfig, abstract_like, batch_shardings, jit_step,
                                    loss_and_sums, make_step_fn, opt_state_shardings)
@@ -98,9 +104,9 @@ def make_mesh(config, devices=None):
     n = int(m.get("num_devices", -1))
     if devices is None and n > 0:
         if jax.process_count() > 1:
-            raise ValueError("mesh.num_devices is for single-process runs; leave it -1")
+            raise ConfigValueError("mesh.num_devices is for single-process runs; leave it -1")
         if n > jax.device_count():
-            raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
+            raise ConfigValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
         devices = jax.devices()[:n]
     return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
 
@@ -132,13 +138,13 @@ def step_config(config) -> StepConfig:
 def _check_batch(config, scfg: StepConfig, mesh):
     if (config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
             and bool(config.data.get("pack", False))):
-        raise ValueError(f"model.attention_impl={config.model.attention_impl!r} needs one "
-                         f"example per row; data.pack=True packs several: set one of them "
-                         f"differently (e.g. model.attention_impl=xla)")
+        raise ConfigValueError(f"model.attention_impl={config.model.attention_impl!r} needs one "
+                               f"example per row; data.pack=True packs several: set one of them "
+                               f"differently (e.g. model.attention_impl=xla)")
     b = int(config.data.batch_size)
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     if b % scfg.grad_accum or (b // scfg.grad_accum) % shards:
-        raise ValueError(
+        raise ConfigValueError(
             f"data.batch_size={b} must split into train.grad_accum={scfg.grad_accum} "
             f"micro-batches whose size divides the {shards} batch shards (mesh.data x "
             f"mesh.fsdp)")
@@ -154,26 +160,51 @@ def train(config, workdir: str, *, devices=None) -> TrainResult:
 
 
 def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
+    check_train_config(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
-                        int(config.train.get("keep_checkpoints", 3)))
-    try:
-        return _train_in(config, workdir, devices, preempt, ckpts)
-    finally:
-        ckpts.close()
+    existed = os.path.isdir(workdir)
+    before = set(os.listdir(workdir)) if existed else set()
+    with WorkdirLock(workdir, hold=jax.process_index() == 0):
+        ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
+                            int(config.train.get("keep_checkpoints", 3)))
+        try:
+            return _train_in(config, workdir, devices, preempt, ckpts)
+        except Exception as e:
+            if is_user_error(e) and ckpts.latest_step() is None:
+                _remove_created(workdir, existed, before)
+            raise
+        finally:
+            ckpts.close()
+
+
+def _remove_created(workdir: str, existed: bool, before: set) -> None:
+    """After bad input, a run that saved nothing leaves no trace: what it created in
+    the workdir is removed (the workdir too, if it made it). Process 0 only."""
+    if jax.process_index() != 0:
+        return
+    from xft_jax.training.workdir_lock import LOCK_FILE
+
+    for name in sorted(set(os.listdir(workdir)) - before - {LOCK_FILE}):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(workdir, LOCK_FILE))
+            os.rmdir(workdir)
 
 
 def _train_in(config, workdir: str, devices, preempt: _Preemption,
               ckpts: Checkpoints) -> TrainResult:
     # A resume must continue the run its checkpoint belongs to: checked before this
     # attempt's config overwrites the run's config.json.
-    latest = ckpts.latest_step()
-    resumed_meta = ckpts.read_meta(latest) if latest is not None else None
+    latest, resumed_meta = ckpts.newest_readable_meta()
     where = f"{ckpts.directory}/{latest}"
     moved = [] if resumed_meta is None else run_identity.check_resume_config(
         resumed_meta.get("config"), json.loads(config.to_json_best_effort()), where)
-    save_config(config, workdir)
     t = config.train
     mesh = make_mesh(config, devices)
     scfg = step_config(config)
@@ -187,12 +218,19 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     base_path = base_model.resolve_base_path(config, workdir)
     # Data first: a data error (or data that differs from a resumed run's) surfaces
     # before minutes of loading a 7B base.
+    base_cfg = ModelConfig.from_pretrained(base_path)
     tokenizer = load_tokenizer(base_model.tokenizer_path(config, base_path))
+    if len(tokenizer) > base_cfg.vocab_size:
+        raise ConfigValueError(
+            f"{base_path}/config.json: vocab_size={base_cfg.vocab_size} is smaller than the "
+            f"tokenizer's {len(tokenizer)} tokens ({base_model.tokenizer_path(config, base_path)}"
+            f"): the tokenizer does not belong to this model; set config.model.tokenizer")
     run_data = data_lib.build(config, tokenizer)
     if latest is not None:
         run_identity.check_resume_data(resumed_meta.get("data"), run_data.info, where)
     steps = data_lib.train_steps(t, run_data.train.stats.kept, int(config.data.batch_size))
     model = load_base(config, base_path, mesh)
+    save_config(config, workdir)
     lcfg = lora_lib.LoRAConfig.from_config(config.lora)
     lora_lib.attach(model, lcfg, lora_key, mesh)
     meta = {"lora": lora_lib.metadata(model.config, lcfg, base_path),
@@ -224,7 +262,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
                     "opt_state": abstract_like(opt_state, opt_sh),
                     "rng": abstract_like(rng, rep),
                     "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-        state, data_state, old_meta = ckpts.restore(latest, abstract)
+        latest, state, data_state, old_meta = ckpts.restore_verified(abstract, set_aside=True)
         lora_lib.check_metadata(old_meta.get("lora", {}), model.config,
                                 f"{ckpts.directory}/{latest}")
         lora, opt_state, rng = state["lora"], state["opt_state"], state["rng"]
