@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+from xft_jax.models import gguf_io
+
 _MISTRAL_V1_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
@@ -25,9 +27,12 @@ _MISTRAL_V1_CONFIG = {
 
 
 def load_tokenizer(path: str):
-    """AutoTokenizer from a directory with tokenizer.json or a sentencepiece tokenizer.model."""
+    """AutoTokenizer from a directory with tokenizer.json or a sentencepiece tokenizer.model,
+    or the tokenizer described by a ``.gguf`` file's metadata."""
     from transformers import AutoTokenizer
 
+    if gguf_io.is_gguf(path):
+        return gguf_io.gguf_tokenizer(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: tokenizer directory not found")
     names = set(os.listdir(path))
