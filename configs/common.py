@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     # in the target. () leaves room for the run's own target only (longer targets then cut
     # more context).
     c.data.prompt_room = tuple(targets.PAPER_VARIANTS)
+    # Render the rating prompt with the tokenizer's chat template (instruct models such as
+    # the bundled SmolLM2-135M-Instruct); False: the plain prompt.
+    c.data.chat_template = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4

@@ -37,6 +37,8 @@ def get_config(arg=None):
     # variants each prompt leaves room for (as in training); None: the run's, else the
     # paper's variants
     c.data.prompt_room = ml_collections.FieldReference(None, field_type=tuple)
+    # the rating prompt in the tokenizer's chat template; None: the run's, else False
+    c.data.chat_template = ml_collections.FieldReference(None, field_type=bool)
     c.data.split = "test"            # test | train
     c.data.max_len = ml_collections.FieldReference(None, field_type=int)
     c.data.seed = ml_collections.FieldReference(None, field_type=int)

@@ -164,7 +164,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
                  buckets: Sequence[int] | None = None, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  vocab: ExplanationVocab | None = None, target_seed: int | None = None,
-                 prompt_room: Sequence[str] = (),
+                 prompt_room: Sequence[str] = (), chat_template: bool = False,
                  read_options: grain.ReadOptions | None = None,
                  sort_by_length: bool = False) -> Batches:
     """Builds the batch iterator for one axis and target variant (see module doc).
@@ -179,6 +179,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     the training split. target_seed: seeds the pseudo-explanations (default ``seed``).
     prompt_room: target variants each prompt leaves room for (``encode.Encoder``), so
     runs of these variants see the same prompts and keep the same examples.
+    chat_template: render prompts with the tokenizer's chat template (instruct models).
     read_options: grain prefetching (default: 2 threads, 8 batches ahead; batching
     in-memory arrays is cheap, and grain's default of 500 batches wastes host memory).
     sort_by_length (eval only): batch examples of similar length together, so that with
@@ -198,7 +199,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
         raise ValueError("random_vocab needs vocab=ExplanationVocab.from_examples(train, axis)")
     encoder = Encoder(tokenizer, axis=axis, variant=variant, max_len=max_len,
                       seed=seed if target_seed is None else target_seed, vocab=vocab,
-                      prompt_room=prompt_room)
+                      prompt_room=prompt_room, chat_template=chat_template)
     encoded, stats = encoder.encode_all(examples)
     kept_ids = [examples[int(r["index"])].id for r in encoded]
     for j, r in enumerate(encoded):  # example_index points into kept_ids
