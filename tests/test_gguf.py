@@ -175,3 +175,24 @@ def test_tensor_shape_disagrees_with_metadata(tmp_path):
     path = write_gguf(str(tmp_path / "n.gguf"), w)
     with pytest.raises(models.GGUFError, match=rf"^{path}: missing tensor 'blk.0.ffn_norm"):
         models.load_pretrained(path)
+
+
+def test_header_reader_agrees_with_gguf_package(tmp_path):
+    """Our header parse (metadata, tensor index, data views) equals gguf.GGUFReader's."""
+    import gguf
+
+    from xft_jax.models.gguf_file import GGUFFile
+
+    path = write_gguf(str(tmp_path / "m.gguf"), hf_weights("qwen2"), "qwen2", QUANT_MIX,
+                      metadata={"general.name": "tiny Ünïcode", ".rope.freq_base": 5e5})
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    want = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == want and ours.metadata["general.name"] == "tiny Ünïcode"
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        info = ours.tensors[t.name]
+        assert info.shape == tuple(reversed(t.shape.tolist()))
+        assert (info.tensor_type, info.offset, info.n_bytes) == (t.tensor_type, t.data_offset,
+                                                                 t.n_bytes)
+        np.testing.assert_array_equal(ours.rows(info).view(np.uint8).ravel(),
+                                      np.asarray(t.data).view(np.uint8).ravel())

@@ -1,12 +1,12 @@
 """GGUF checkpoints (llama.cpp's single-file format) in: config, weights and tokenizer.
 
-Read with the ``gguf`` package (llama.cpp's own reader: a memory map, no pickle) and
-dequantised with its numpy kernels (F32/F16/BF16, Q4_0 ... Q8_0, K-quants, IQ types).
-Like the safetensors path, the abstract model is built first and each parameter's
+The header is read by ``gguf_file`` (a memory map, no pickle), the tensors dequantised by
+the ``gguf`` package's numpy kernels (llama.cpp's own: F32/F16/BF16, Q4_0 ... Q8_0,
+K-quants, IQ types). Like the safetensors path, the abstract model is built first and each parameter's
 sharding derived; then one tensor at a time is dequantised, un-permuted (llama.cpp
 stores Llama's Q and K rows interleaved for its rotary kernel), transposed to our
 [in, out] layout, cast to the load dtype and placed into its device shards. The host
-holds at most one dequantised tensor besides the memory-mapped file.
+holds at most one dequantised tensor; its pages of the file are dropped once it is read.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from xft_jax import sharding
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import LINEAR_NAMES, Decoder, leaf_axes
+from xft_jax.models.gguf_file import GGUFFile, GGUFFormatError, TensorInfo
 
 # our stacked leaf name -> GGUF name inside block N (weights stored [out, in], like HF)
 GGUF_LAYER_NAMES = {
@@ -60,34 +61,24 @@ def is_gguf(path: str) -> bool:
 
 
 # ------------------------------------------------------------------------ reading
-def open_gguf(path: str):
-    """``gguf.GGUFReader`` of ``path``; a damaged or truncated file is one GGUFError."""
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
+    """The metadata and tensor index of ``path``; a damaged or truncated file is one
+    GGUFError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: GGUF file not found")
-    size = os.path.getsize(path)
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
-        raise GGUFError(f"{path}: not a readable GGUF file (truncated or damaged? {size} "
-                        f"bytes; {type(e).__name__}: {e})") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise GGUFError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, the "
-                            f"file has {size} bytes")
-    return reader
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        raise GGUFError(f"{path}: not a complete GGUF file: {e}") from None
 
 
-def field(reader, key: str, default: Any = MISSING):
+def field(reader: GGUFFile, key: str, default: Any = MISSING):
     """A metadata value (str, number, bool or list), or ``default`` when absent."""
-    f = reader.fields.get(key)
-    if f is None:
+    if key not in reader.metadata:
         if default is MISSING:
-            raise GGUFError(f"{reader.data.filename}: missing metadata key {key!r}")
+            raise GGUFError(f"{reader.path}: missing metadata key {key!r}")
         return default
-    return f.contents()
+    return reader.metadata[key]
 
 
 def config_from_gguf(reader, path: str) -> ModelConfig:
@@ -96,7 +87,7 @@ def config_from_gguf(reader, path: str) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{path}: unsupported architecture {arch!r} (supported: "
                         f"{', '.join(sorted(ARCHITECTURES))})")
-    names = {t.name for t in reader.tensors}
+    names = set(reader.tensors)
 
     def need(key):
         value = field(reader, f"{arch}.{key}", None)
@@ -144,15 +135,9 @@ def config_from_gguf(reader, path: str) -> ModelConfig:
 
 
 def _embed_rows(reader, path: str) -> int:
-    for t in reader.tensors:
-        if t.name == GGUF_TOP_NAMES["embed"]:
-            return int(t.shape[-1])
+    if GGUF_TOP_NAMES["embed"] in reader.tensors:
+        return int(reader.tensors[GGUF_TOP_NAMES["embed"]].shape[0])
     raise GGUFError(f"{path}: no vocab size in the metadata and no tensor 'token_embd.weight'")
-
-
-def _numpy_shape(t) -> tuple[int, ...]:
-    """A GGUF tensor's logical shape in numpy order (GGUF lists dimensions innermost first)."""
-    return tuple(int(n) for n in reversed(t.shape.tolist()))
 
 
 def qk_row_order(n_heads: int, head_dim: int) -> np.ndarray:
@@ -162,20 +147,31 @@ def qk_row_order(n_heads: int, head_dim: int) -> np.ndarray:
         0, 2, 1).reshape(-1)
 
 
-def dequantized(t, path: str, row_order: np.ndarray | None = None) -> np.ndarray:
-    """One tensor as float32 in numpy order ([out, in] for weights), rows reordered."""
+def dequantized(reader: GGUFFile, t: TensorInfo, out: np.ndarray, *, transpose: bool,
+                row_order: np.ndarray | None = None, chunk_bytes: int = 16 * 2**20) -> None:
+    """Writes tensor ``t`` (rows reordered by ``row_order``, then transposed if asked)
+    into ``out``, dequantising a few MB of rows at a time: the package's kernels make
+    several float32 temporaries of what they are given."""
     from gguf import quants
 
-    data = t.data if row_order is None or t.data.ndim < 2 else t.data[row_order]
-    try:
-        out = quants.dequantize(data, t.tensor_type)
-    except NotImplementedError:
-        raise GGUFError(f"{path}: tensor {t.name!r} has quantisation type "
-                        f"{t.tensor_type.name}, which cannot be dequantised") from None
-    out = np.asarray(out, dtype=np.float32)
-    if row_order is not None and out.ndim == 1:
-        out = out[row_order]
-    return out.reshape(_numpy_shape(t))
+    data = reader.rows(t)
+    if data.ndim == 1:
+        out[...] = quants.dequantize(data, t.tensor_type)[
+            slice(None) if row_order is None else row_order]
+        return
+    step = max(1, chunk_bytes // (4 * t.shape[-1]))
+    for r in range(0, t.shape[0], step):
+        rows = slice(r, min(r + step, t.shape[0]))
+        block = data[rows] if row_order is None else data[row_order[rows]]
+        try:
+            w = quants.dequantize(block, t.tensor_type)
+        except NotImplementedError:
+            raise GGUFError(f"{reader.path}: tensor {t.name!r} has quantisation type "
+                            f"{t.tensor_type.name}, which cannot be dequantised") from None
+        if transpose:
+            out[:, rows] = w.T
+        else:
+            out[rows] = w
 
 
 # ------------------------------------------------------------------------ checking
@@ -216,13 +212,13 @@ def check_tensors(reader, cfg: ModelConfig, leaves, path: str) -> dict:
     we can dequantise, and nothing else in the file."""
     from gguf import GGMLQuantizationType as Q, quants
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = reader.tensors
     expected = expected_gguf_shapes(cfg, leaves)
     for name, shape in expected.items():
         if name not in tensors:
             raise GGUFError(f"{path}: missing tensor {name!r} (expected shape {shape})")
         t = tensors[name]
-        found = _numpy_shape(t)
+        found = tuple(t.shape)
         if found != tuple(shape):
             raise GGUFError(f"{path}: tensor {name!r} has shape {found}, expected "
                             f"{tuple(shape)} from the metadata")
@@ -267,16 +263,18 @@ def _set_layer(stacked, layer, i):
                         stacked, layer)
 
 
-def _host_tensor(t, leaf: str, cfg: ModelConfig, arch: str, path: str, np_dtype):
+def _host_tensor(reader: GGUFFile, t: TensorInfo, leaf: str, cfg: ModelConfig, arch: str,
+                 np_dtype) -> np.ndarray:
     """One tensor in our layout and the load dtype, on the host."""
     order = None
     if arch in PERMUTED_QK and leaf in ("q_proj", "k_proj"):
         heads = cfg.num_heads if leaf == "q_proj" else cfg.num_kv_heads
         order = qk_row_order(heads, cfg.head_dim)
-    w = dequantized(t, path, order)
-    if leaf in TRANSPOSED:
-        w = w.T
-    return np.ascontiguousarray(w, dtype=np_dtype)
+    transpose = leaf in TRANSPOSED
+    out = np.empty(t.shape[::-1] if transpose else t.shape, np_dtype)
+    dequantized(reader, t, out, transpose=transpose, row_order=order)
+    reader.release(t)
+    return out
 
 
 def _device_array(host: np.ndarray, shard) -> jax.Array:
@@ -306,7 +304,7 @@ def load_gguf(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         leaf = keys[-1]
         if keys[0] != "layers":
-            host = _host_tensor(tensors[gguf_name(keys, None)], leaf, cfg, arch, path,
+            host = _host_tensor(reader, tensors[gguf_name(keys, None)], leaf, cfg, arch,
                                 np_dtype)
             arr = _device_array(host, shard)
             del host
@@ -315,7 +313,8 @@ def load_gguf(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             continue
         layer_shard = _layer_shard(shard, len(shape))
         for i in range(shape[0]):
-            host = _host_tensor(tensors[gguf_name(keys, i)], leaf, cfg, arch, path, np_dtype)
+            host = _host_tensor(reader, tensors[gguf_name(keys, i)], leaf, cfg, arch,
+                                np_dtype)
             arr = _device_array(host, layer_shard)
             del host
             out = arr if transform is None else transform(keys, arr)
@@ -367,16 +366,16 @@ def gguf_tokenizer(path: str):
     reader = open_gguf(path)
     arch = field(reader, "general.architecture")
     tok = {name: field(reader, f"tokenizer.ggml.{key}")
-           for key, name in _TOKENIZER_KEYS.items() if f"tokenizer.ggml.{key}" in reader.fields}
+           for key, name in _TOKENIZER_KEYS.items() if f"tokenizer.ggml.{key}" in reader.metadata}
     if "tokens" not in tok:
         raise GGUFError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.tokens)")
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
-        if f"tokenizer.ggml.{key}" in reader.fields:
+        if f"tokenizer.ggml.{key}" in reader.metadata:
             tok[key.replace("unknown_", "unk_").replace("padding_", "pad_")] = field(
                 reader, f"tokenizer.ggml.{key}")
     kwargs: dict[str, Any] = {}
     for key in ("add_bos_token", "add_eos_token"):
-        if f"tokenizer.ggml.{key}" in reader.fields:
+        if f"tokenizer.ggml.{key}" in reader.metadata:
             kwargs[key] = bool(field(reader, f"tokenizer.ggml.{key}"))
     if tok.get("tokenizer_type") == "llama":
         kwargs.setdefault("add_bos_token", True)
