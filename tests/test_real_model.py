@@ -257,15 +257,13 @@ def test_nf4_of_real_weights_stays_close_to_bf16(gguf_path, batch):
 
 
 # ------------------------------------------------------------------ LoRA
-def test_lora_steps_on_real_model_and_peft_export(converted, batch, tok, tmp_path):
+def test_lora_steps_on_real_model_and_peft_export(converted, batch, tmp_path):
     import ml_collections
     import peft
     from transformers import AutoModelForCausalLM
 
     from xft_jax import lora as lora_lib
     from xft_jax import sharding
-    from xft_jax.data import synthetic
-    from xft_jax.data.pipeline import make_batches
     from xft_jax.training import optim
     from xft_jax.training.step import StepConfig, jit_step, make_step_fn, opt_state_shardings
 
@@ -282,22 +280,21 @@ def test_lora_steps_on_real_model_and_peft_export(converted, batch, tok, tmp_pat
     step = jit_step(make_step_fn(model.config, model.forward_options(), tx,
                                  StepConfig(ce_chunk=4096), mesh),
                     mesh, lora_sh, opt_sh, sharding.param_shardings(mesh, base))
-    b = make_batches(synthetic.generate(4, seed=2), tok, axis="naturalness",
-                     variant="explanation", max_len=512, batch_size=4, seed=0,
-                     chat_template=True, process_index=0, process_count=1, shuffle=False)
-    one = {k: v for k, v in next(iter(b.dataset)).items() if k in (
-        "input_ids", "targets", "loss_mask", "label_mask", "segment_ids", "positions")}
+    ids, mask = batch
+    one = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+           "loss_mask": mask[:, 1:].astype(np.float32),
+           "label_mask": np.zeros(mask[:, 1:].shape, np.float32),
+           "segment_ids": mask[:, :-1],
+           "positions": np.tile(np.arange(ids.shape[1] - 1, dtype=np.int32), (len(ids), 1))}
     g = sharding.make_global_batch(mesh, one)
     rng = jax.random.key_data(jax.random.key(1))
     losses = []
-    for i in range(4):                   # the same batch: its loss must go down
+    for i in range(4):                   # the same real text: its loss must go down
         lora, opt, m = step(lora, opt, base, g, rng, jnp.int32(i))
         losses.append(float(m["loss"]))
     print("LoRA losses on the real model:", [round(x, 3) for x in losses])
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1
     lora_lib.set_lora_tree(model, lora)
-
-    ids, mask = batch
     ours = _ours(model, ids, mask)
     out = tmp_path / "adapter"
     lora_lib.save_peft_adapter(model, str(out), base_model_path=converted)
@@ -317,10 +314,10 @@ def test_probe_on_real_model_writes_plots(converted, tmp_path):
     c = eval_config.get_config("synthetic,naturalness")
     c.model.path = converted
     c.data.num_synthetic = 12
-    c.data.max_examples = 4
+    c.data.max_examples = 2
     c.data.max_len = 512
     c.data.chat_template = True
-    c.eval.batch_size = 4
+    c.eval.batch_size = 2
     doc = probe_report.run_probes(c, str(tmp_path))
     summary = doc["runs"][0]["summary"]
     assert doc["runs"][0]["num_layers"] == 30
@@ -329,6 +326,10 @@ def test_probe_on_real_model_writes_plots(converted, tmp_path):
     assert np.isfinite(lens).all() and lens.shape == (31,)
     act = np.array(summary["act_entropy"]["mean"])
     assert np.isfinite(act).all() and act.std() > 0
+    # a real instruct model, asked for a rating, puts its last layers' mass on the digits
+    mass = np.array(summary["lens_label_mass"]["mean"])
+    print("logit-lens mass on the label tokens by layer:", np.round(mass, 3).tolist())
+    assert mass[-1] > 0.5 and mass[:10].max() < 0.05
     for k in probe_lib.METRICS:
         with open(tmp_path / f"probe_{k}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
