@@ -224,6 +224,20 @@ def test_greedy_generation_equals_transformers_generate(ours, ref, tok):
     assert "sky" in tok.decode(mine).lower() or "light" in tok.decode(mine).lower()
 
 
+def test_local_annotator_prompts_in_the_chat_template(gguf_path, ours, tok, ref_tok):
+    from xft_jax.data.local_annotator import LocalAnnotator
+
+    ann = LocalAnnotator("smollm2", gguf_path, model=ours, tokenizer_obj=tok,
+                         max_new_tokens=10)
+    ids = ann.prompt_ids(CHAT)
+    want = ref_tok(ref_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+    assert ids == want and tok.decode(ids).startswith("<|im_start|>system\n")
+    answer = ann.complete(CHAT)
+    print("annotator answer:", repr(answer))
+    assert "Paris" in answer
+
+
 # ------------------------------------------------------------------ conversion
 def test_converted_directory_loads_in_transformers(converted, ref, ref_tok, batch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
