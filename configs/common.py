@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     # examples, so they differ only in the target.
     c.data.prompt_room = tuple(targets.PAPER_VARIANTS)
     c.data.prompt_room_percentile = encode.ROOM_PERCENTILE
+    # Render the rating prompt with the tokenizer's chat template (instruct models such as
+    # the bundled SmolLM2-135M-Instruct); False: the plain prompt.
+    c.data.chat_template = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4

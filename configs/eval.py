@@ -40,6 +40,8 @@ def get_config(arg=None):
     c.data.prompt_room = ml_collections.FieldReference(None, field_type=tuple)
     c.data.prompt_room_percentile = ml_collections.FieldReference(None, field_type=float)
     c.data.validation_fraction = ml_collections.FieldReference(None, field_type=float)
+    # the rating prompt in the tokenizer's chat template; None: the run's, else False
+    c.data.chat_template = ml_collections.FieldReference(None, field_type=bool)
     c.data.split = "test"            # test | validation | train
     c.data.max_len = ml_collections.FieldReference(None, field_type=int)
     c.data.seed = ml_collections.FieldReference(None, field_type=int)

@@ -229,14 +229,24 @@ def test_chat_template_and_tfds_records(examples, mistral_tokenizer, tmp_path):
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} "
                          "[/INST]{% endfor %}")
     b = make_batches(examples[:4], tok, axis="naturalness", variant="explanation",
-                     max_len=384, batch_size=4, train=False, process_index=0, process_count=1)
+                     max_len=384, batch_size=4, train=False, process_index=0, process_count=1,
+                     chat_template=True)
     batch = next(iter(b))
     check_contract(batch, tok, targets_index(examples[:4], "explanation"))
     text = tok.decode(batch["input_ids"][0])
     assert text.startswith("<s> [INST] Rate the response") and "[/INST]" in text
+    plain = make_batches(examples[:4], tok, axis="naturalness", variant="explanation",
+                         max_len=384, batch_size=4, train=False, process_index=0,
+                         process_count=1)                # the template only when asked for
+    plain_text = tok.decode(next(iter(plain))["input_ids"][0])
+    assert plain_text.startswith("<s> Rate the response") and "[INST]" not in plain_text
+    with pytest.raises(ValueError, match="data.chat_template=True, but the tokenizer"):
+        make_batches(examples[:4], mistral_tokenizer, axis="naturalness", max_len=384,
+                     batch_size=4, train=False, process_index=0, process_count=1,
+                     chat_template=True)
     short = make_batches(examples[:4], tok, axis="naturalness", variant="label_only",
                          max_len=150, batch_size=4, train=False, process_index=0,
-                         process_count=1)
+                         process_count=1, chat_template=True)
     assert short.stats.truncated + short.stats.dropped > 0
     for batch in short:
         assert batch["input_ids"].shape[1] == 150

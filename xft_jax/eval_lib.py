@@ -35,10 +35,12 @@ from xft_jax.data.targets import PAPER_VARIANTS
 # Used only when neither the eval config nor a training run says (configs/common.py).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
                  "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS,
-                 "validation_fraction": VALIDATION_FRACTION, "prompt_room_percentile": ROOM_PERCENTILE}
+                 "validation_fraction": VALIDATION_FRACTION, "prompt_room_percentile": ROOM_PERCENTILE,
+                 "chat_template": False}
 SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
 DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
-             "num_synthetic", "prompt_room", "validation_fraction", "prompt_room_percentile")
+             "num_synthetic", "prompt_room", "validation_fraction", "prompt_room_percentile",
+             "chat_template")
 SPLITS = ("test", "validation", "train")
 
 
@@ -149,7 +151,8 @@ def eval_batches(d, tokenizer, batch_size: int):
     batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), prompt_room=room, vocab=vocab,
-                                    target_room=troom, train=False, process_index=0,
+                                    target_room=troom, chat_template=bool(d.chat_template),
+                                    train=False, process_index=0,
                                     process_count=1, sort_by_length=True,
                                     buckets=pipeline.length_buckets(int(d.max_len)))
     if batches.stats.kept == 0:

@@ -6,7 +6,11 @@ the explanation and the closing eos), ``label_mask`` 1 only where ``targets`` is
 digit. The prompt is built from three separately tokenised pieces (instructions +
 rubric, the context turns, the response + question) so the context can be cut from the
 left, token-exactly, when the whole does not fit ``max_len``; the response and the target
-are never cut. Tokenizers with a chat template get the prompt as one user message.
+are never cut. With ``chat_template`` (config ``data.chat_template``, for instruct models)
+the prompt is one user message rendered by the tokenizer's chat template, and the target
+is the assistant's answer. Otherwise a bos token starts the sequence only when the
+tokenizer itself adds one (Llama / Mistral sentencepiece do; SmolLM2's byte-level BPE
+does not).
 
 How much of the context is cut depends on the room left for the target. The study gives
 every example the same room (``target_room``: a high percentile of the training split's
@@ -52,7 +56,9 @@ def label_token_ids(tokenizer) -> list[int]:
     """The five token ids that carry the digits "1".."5" in ``LABEL_PREFIX`` + digit.
 
     Derived from how the target template really tokenises (for Mistral "Rating: 4" is
-    ``▁Rating : ▁ 4`` and the label token is "4", not "▁4"). Raises if the five
+    ``▁Rating : ▁ 4`` and the label token is "4", not "▁4"; SmolLM2's byte-level BPE gives
+    ``R ating : Ġ 4``, again a bare "4"; a vocabulary with "Ġ4" would give that). Raises
+    if the five
     tokenisations do not share one prefix and end in exactly one digit token each.
     """
     seqs = [tokenizer(f"{LABEL_PREFIX}{d}", add_special_tokens=False)["input_ids"]
@@ -71,6 +77,16 @@ def label_token_ids(tokenizer) -> list[int]:
     if len(set(out)) != 5:
         raise ValueError(f"label tokens are not distinct: {out}")
     return out
+
+
+def _added_prefix(tokenizer) -> list[int]:
+    """The special ids the tokenizer itself puts before a text (its bos, if it adds one)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    n = len(full) - len(plain)
+    if n < 0 or full[n:][:len(plain)] != plain:
+        return []
+    return [int(i) for i in full[:n]]
 
 
 @dataclasses.dataclass
@@ -101,11 +117,12 @@ class Encoder:
     module doc); ``random_vocab`` among them needs ``vocab``. target_room: the same room
     (in target tokens, eos not counted) for every example (``target_room``); it replaces
     the per-example room of ``prompt_room``.
+    chat_template: render the prompt with the tokenizer's chat template (it must have one).
     """
 
     def __init__(self, tokenizer, *, axis: str, variant: str, max_len: int, seed: int = 0,
                  vocab: ExplanationVocab | None = None, prompt_room: Sequence[str] = (),
-                 target_room: int | None = None):
+                 target_room: int | None = None, chat_template: bool = False):
         self.tok = tokenizer
         self.axis, self.variant = check_axis(axis), variant
         self.max_len, self.seed, self.vocab = int(max_len), seed, vocab
@@ -130,8 +147,10 @@ class Encoder:
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no eos token; targets must end with one")
         self.eos = int(tokenizer.eos_token_id)
-        self.bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.bos = _added_prefix(tokenizer)
+        self.chat = bool(chat_template)
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.chat_template=True, but the tokenizer has no chat template")
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:

@@ -55,8 +55,10 @@ class LocalAnnotator:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         tok = self._tok
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            # The rendered template carries its own special tokens; the tokenizer adds none.
+            text = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                           tokenize=False)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
         text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
         return list(tok(text + "\n\nAssistant:", add_special_tokens=True)["input_ids"])
 

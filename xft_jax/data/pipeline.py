@@ -166,6 +166,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
                  process_index: int | None = None, process_count: int | None = None,
                  vocab: ExplanationVocab | None = None, target_seed: int | None = None,
                  prompt_room: Sequence[str] = (), target_room: int | None = None,
+                 chat_template: bool = False,
                  read_options: grain.ReadOptions | None = None,
                  sort_by_length: bool = False) -> Batches:
     """Builds the batch iterator for one axis and target variant (see module doc).
@@ -183,6 +184,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     target_room: one room for every example (``encode.target_room`` of the training
     split), so that a cut prompt carries nothing about its label; replaces the
     per-example room of ``prompt_room``.
+    chat_template: render prompts with the tokenizer's chat template (instruct models).
     read_options: grain prefetching (default: 2 threads, 8 batches ahead; batching
     in-memory arrays is cheap, and grain's default of 500 batches wastes host memory).
     sort_by_length (eval only): batch examples of similar length together, so that with
@@ -202,7 +204,8 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
         raise ValueError("random_vocab needs vocab=ExplanationVocab.from_examples(train, axis)")
     encoder = Encoder(tokenizer, axis=axis, variant=variant, max_len=max_len,
                       seed=seed if target_seed is None else target_seed, vocab=vocab,
-                      prompt_room=prompt_room, target_room=target_room)
+                      prompt_room=prompt_room, target_room=target_room,
+                      chat_template=chat_template)
     encoded, stats = encoder.encode_all(examples)
     kept_ids = [examples[int(r["index"])].id for r in encoded]
     for j, r in enumerate(encoded):  # example_index points into kept_ids

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xft_jax import atomic, errors, sharding
 from xft_jax.errors import UserError
+from xft_jax.models import gguf_io
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import Decoder, leaf_axes
 from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
@@ -304,7 +305,12 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
     mesh: place every parameter with its logical-axis sharding over this mesh.
     quantization: 'none' | 'nf4' | 'int8' | ``quantization.QuantConfig``: linear weights
       are quantised layer by layer as they are read (``quant_block`` rows per scale).
+    A ``.gguf`` file is read by ``gguf_io.load_gguf`` (dequantised to ``dtype``).
     """
+    if gguf_io.is_gguf(path):
+        return gguf_io.load_gguf(path, dtype, mesh, compute_dtype=compute_dtype, remat=remat,
+                                 attention_impl=attention_impl,
+                                 transform=_quant_transform(quantization, quant_block))
     if not os.path.isdir(path):
         raise errors.MissingPathError(f"{path}: checkpoint directory not found")
     cfg = ModelConfig.from_pretrained(path)
@@ -340,11 +346,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
                                               attention_impl=attention_impl))
     graphdef, state = nnx.split(abstract)
     np_dtype = np.dtype(jnp.dtype(dtype))
-    layer_transform = None
-    if quantization is not None and str(getattr(quantization, "kind", quantization)) != "none":
-        from xft_jax import quantization as quant_lib   # imports this package
-        layer_transform = quant_lib.layer_transform(quant_lib.as_config(quantization,
-                                                                        quant_block))
+    layer_transform = _quant_transform(quantization, quant_block)
     top_leaves, layer_leaves = [], []
     for p, var in nnx.to_flat_state(state):
         keys = [str(getattr(k, "key", k)) for k in p]
@@ -366,6 +368,14 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
     for p, keys, _, _ in top_leaves + layer_leaves:
         _set_path(state, p, loaded[tuple(keys)])
     return nnx.merge(graphdef, state)
+
+
+def _quant_transform(quantization, quant_block: int):
+    """The per-layer quantising transform ``quantization`` asks for, or None."""
+    if quantization is None or str(getattr(quantization, "kind", quantization)) == "none":
+        return None
+    from xft_jax import quantization as quant_lib   # imports this package
+    return quant_lib.layer_transform(quant_lib.as_config(quantization, quant_block))
 
 
 def _set_path(state, path, value):

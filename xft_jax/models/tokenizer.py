@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 from xft_jax.errors import MissingPathError
+from xft_jax.models import gguf_io
 
 _MISTRAL_V1_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
@@ -27,9 +28,12 @@ _MISTRAL_V1_CONFIG = {
 
 
 def load_tokenizer(path: str):
-    """AutoTokenizer from a directory with tokenizer.json or a sentencepiece tokenizer.model."""
+    """AutoTokenizer from a directory with tokenizer.json or a sentencepiece tokenizer.model,
+    or the tokenizer described by a ``.gguf`` file's metadata."""
     from transformers import AutoTokenizer
 
+    if gguf_io.is_gguf(path):
+        return gguf_io.gguf_tokenizer(path)
     if not os.path.isdir(path):
         raise MissingPathError(f"{path}: tokenizer directory not found")
     names = set(os.listdir(path))
