@@ -24,6 +24,7 @@ import sys
 
 from absl import app, flags, logging
 
+from xft_jax import console
 from xft_jax.data import (annotation, export, local_annotator, openai_client, sources, splits,
                           synthetic)
 from xft_jax.data.annotation_prompts import VARIANTS
@@ -69,9 +70,12 @@ def _load_annotators(path: str) -> list:
     except (ValueError, OSError) as e:
         raise app.UsageError(f"{path}: {e}") from None
 
+console.define_flags(with_config=False)
+
 
 def main(argv):
     del argv
+    console.start()
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()

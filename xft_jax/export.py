@@ -11,8 +11,9 @@ base copied along).
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from xft_jax import console
 # The library function (import it from xft_jax.training.export_run: importing this main
 # defines its absl flags). Kept here under its old name for existing callers.
 from xft_jax.training.export_run import export_run as export  # noqa: F401
@@ -26,11 +27,12 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Base dtype for the merge / saved we
                              "(default: the run's model.dtype).")
 flags.mark_flags_as_required(["workdir", "out"])
 
+console.define_flags(with_config=False)
+
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:   # orbax logs every file it reads at INFO
-        logging.set_verbosity(logging.WARNING)
+    console.start()
     print(export(_WORKDIR.value, _FORMAT.value, _OUT.value, _STEP.value, _DTYPE.value))
 
 

@@ -22,6 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from xft_jax import console
 from xft_jax.study import grid
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Sweep config.")
@@ -31,9 +32,12 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the cells and their comman
 LAUNCHERS = {"gpu_node": "launch/gpu_node.sh", "slurm": "launch/slurm.sbatch",
              "tpu_pod": "launch/tpu_pod.sh"}
 
+console.define_flags()
+
 
 def main(argv):
     del argv
+    console.start(_CONFIG)
     c = _CONFIG.value
     sweep_dir = _SWEEP_DIR.value
     cell_list = grid.cells(c.sources, c.axes, c.variants, c.seeds)

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xft_jax import distributed
+from xft_jax import console, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -23,11 +23,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 _DIST = distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
+console.define_flags()
+
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:   # orbax logs every file it writes at INFO
-        logging.set_verbosity(logging.WARNING)
+    console.start(_CONFIG)
     distributed.initialize_from_flags(_DIST)
     from xft_jax.training.trainer import NonFiniteError, train
 
