@@ -92,3 +92,14 @@ def start(config_flag=None) -> None:
     if config_flag is not None and flags.FLAGS["print_config"].value:
         print(config_flag.value.to_json_best_effort(indent=2, sort_keys=True))
         sys.exit(0)
+
+
+def progress(iterable, *, total=None, desc: str, unit: str = "batch"):
+    """A tqdm bar on stderr over ``iterable``, shown by process 0 only and cleared when
+    done (the caller prints one line with the result)."""
+    from tqdm import tqdm
+
+    import jax
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False,
+                disable=jax.process_index() != 0, dynamic_ncols=True)

@@ -10,6 +10,8 @@ checkpoint and exits 0. Multi-process: pass --coordinator/--num_processes/--proc
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -41,7 +43,23 @@ def main(argv):
     if result.status == "preempted":
         print(f"preempted: saved step {result.step}; rerun with the same --workdir to "
               f"resume", file=sys.stderr)
+    else:
+        print(finished_line(result), file=sys.stderr)
     return 0
+
+
+def finished_line(result) -> str:
+    """Where a finished run's results are, and its best validation accuracy."""
+    wd = result.workdir
+    state = "finished" if result.last_metrics else "already finished, nothing to do"
+    line = f"{state}: step {result.step} in {wd} (metrics.jsonl, checkpoints/"
+    try:
+        with open(os.path.join(wd, "validation.json"), encoding="utf-8") as f:
+            v = json.load(f)
+        return (line + f", validation.json); best validation accuracy {v['best_accuracy']:.3f} "
+                f"at step {v['best_step']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return line + ")"
 
 
 if __name__ == "__main__":

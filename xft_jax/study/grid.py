@@ -160,6 +160,19 @@ def is_done(sweep_dir: str, cell: Cell, probe: bool) -> bool:
     return all(os.path.exists(p) for p in needed)
 
 
+def score_line(sweep_dir: str, cell: Cell) -> str:
+    """One line for a finished cell: its test scores and where its results are."""
+    eval_dir = os.path.join(sweep_dir, cell.rel, "eval")
+    try:
+        with open(os.path.join(eval_dir, "metrics.json"), encoding="utf-8") as f:
+            m = json.load(f)["metrics"]
+        scores = (f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
+                  f"on {m['n']} test examples")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        scores = f"no readable scores ({type(e).__name__})"
+    return f"{cell.rel}: {scores}; results in {eval_dir}"
+
+
 def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: bool,
               max_attempts: int = 2, log=print,
               definition_of=None) -> dict[str, list[Cell]]:
@@ -170,6 +183,7 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
     for cell in cell_list:
         status = read_status(sweep_dir, cell)
         if is_done(sweep_dir, cell, probe):
+            log(f"[sweep] finished earlier, skipped: {score_line(sweep_dir, cell)}")
             result["skipped"].append(cell)
             continue
         if status["state"] == "failed" and status["attempts"] >= max_attempts:
@@ -202,7 +216,7 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
         else:
             write_status(sweep_dir, cell, {"state": "done", "attempts": attempts,
                                            "finished": time.time()})
-            log(f"[sweep] {cell.rel}: done")
+            log(f"[sweep] done: {score_line(sweep_dir, cell)}")
             result["done"].append(cell)
     return result
 
