@@ -11,10 +11,19 @@ from xft_jax.study import grid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _inputs(tmp_path, sources=grid.SOURCES):
+    """Sweep flags pointing the model and data paths at existing directories."""
+    for s in sources:
+        os.makedirs(tmp_path / "inputs" / "data" / s, exist_ok=True)
+    os.makedirs(tmp_path / "inputs" / "model", exist_ok=True)
+    return [f"--config.data_path={tmp_path}/inputs/data/{{source}}",
+            f"--config.overrides=('--config.model.path={tmp_path}/inputs/model',)"]
+
+
 def test_dry_run_lists_every_cell(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
-         f"--sweep_dir={tmp_path}", "--dry_run"],
+         f"--sweep_dir={tmp_path}", "--dry_run", *_inputs(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     cells = [l for l in out.splitlines() if l.startswith("# ")]
     assert len(cells) == 6 * 3 * 5 * 3
@@ -24,9 +33,30 @@ def test_dry_run_lists_every_cell(tmp_path):
     assert sum("/random_vocab/" in l for l in cells) == 6 * 3 * 3
     out2 = subprocess.run(
         [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
-         f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=(0,1)"],
+         f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=(0,1)", *_inputs(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "180 cells = 6 sources x 3 axes x 5 variants x 2 seeds" in out2
+
+
+def test_dry_run_shows_the_inputs_and_fails_early_on_a_missing_one(tmp_path):
+    """The model path every run will load is shown, and a missing data path stops the
+    dry run and the real run (exit 2) before anything is written."""
+    args = [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
+            "--config.sources=('coqa','amazon_qa')", "--config.axes=('naturalness',)",
+            "--config.seeds=(0,)", *_inputs(tmp_path, ["coqa"])]
+    sweep = str(tmp_path / "sweep")
+    dry = subprocess.run(args + [f"--sweep_dir={sweep}", "--dry_run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 2, dry.stderr[-2000:]
+    assert f"input model.path: {tmp_path}/inputs/model [found]" in dry.stdout
+    assert f"input data.path (coqa): {tmp_path}/inputs/data/coqa [found]" in dry.stdout
+    assert f"input data.path (amazon_qa): {tmp_path}/inputs/data/amazon_qa [MISSING]" in dry.stdout
+    assert dry.stderr.count("\n") == 1 and "1 input path(s) missing" in dry.stderr
+    assert "Traceback" not in dry.stderr
+    real = subprocess.run(args + [f"--sweep_dir={sweep}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert real.returncode == 2 and "data.path (amazon_qa)" in real.stderr
+    assert not os.path.exists(sweep)                     # failed before writing anything
 
 
 FAKE_RUN = """
@@ -143,7 +173,9 @@ def test_a_finished_cell_is_not_reused_under_other_settings(tmp_path):
         [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py", "--dry_run",
          f"--sweep_dir={sweep}", "--config.probe=False", "--config.sources=('coqa',)",
          "--config.axes=('naturalness',)", "--config.variants=('explanation',)",
-         "--config.seeds=(0,)", '--config.overrides=("--config.optim.lr=0.001",)'],
+         "--config.seeds=(0,)", _inputs(tmp_path, ["coqa"])[0],
+         '--config.overrides=("--config.optim.lr=0.001", '
+         f'"--config.model.path={tmp_path}/inputs/model")'],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     assert f"# {done.rel} [done under other settings: " in dry and "train.optim.lr" in dry
     os.remove(os.path.join(sweep, done.rel, grid.DEFINITION_FILE))   # results, no record

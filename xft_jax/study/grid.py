@@ -106,6 +106,19 @@ def commands_definition(cmds: Sequence[Sequence[str]]) -> dict:
     return out
 
 
+def cell_inputs(train_config: dict) -> dict[str, str]:
+    """The paths a cell's training run reads, by config key (unset ones left out)."""
+    m, d = train_config["model"], train_config["data"]
+    keys = {"model.path": m.get("path"), "model.tokenizer": m.get("tokenizer"),
+            "data.path": d.get("path") if d.get("source") != "synthetic" else None}
+    return {k: str(v) for k, v in keys.items() if v}
+
+
+def is_missing(path: str) -> bool:
+    """A local path that does not exist (remote URLs such as gs:// are not checked)."""
+    return "://" not in path and not os.path.exists(path)
+
+
 def definition_conflict(sweep_dir: str, cell: Cell, definition: dict) -> str | None:
     """Why the finished ``cell`` cannot stand for ``definition`` (it ran under other
     settings, or recorded none); None when it can."""
