@@ -47,3 +47,15 @@ def test_only_our_own_info_lines_pass():
     assert not keep.filter(_record(orbax))
     assert not keep.filter(_record("/site-packages/jax/_src/xla_bridge.py", logging.DEBUG))
     assert keep.filter(_record(orbax, logging.WARNING))      # warnings always pass
+
+
+def test_transformers_advice_is_off_once_a_main_imports_the_console():
+    code = ("import xft_jax.console\n"
+            "from transformers.utils import logging\n"
+            "logging.get_logger('transformers').warning_advice('ADVICE-LINE')\n"
+            "logging.get_logger('transformers').warning('WARNING-LINE')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "ADVICE-LINE" not in p.stderr and "WARNING-LINE" in p.stderr

@@ -20,6 +20,10 @@ import sys
 from absl import app, flags, logging
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Read when transformers is imported (its "PyTorch was not found" advice) and by
+# TensorFlow's C++ logging: set before any main imports either.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _CONFIG_HINT = ("Every config key can be overridden with --config.KEY=value; "
                 "--print_config prints the resolved config (all keys) and exits.")
 
@@ -74,8 +78,6 @@ def define_flags(with_config: bool = True) -> None:
 
 def quiet_third_party() -> None:
     """Hides third-party records below WARNING unless --verbosity was given."""
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if flags.FLAGS["verbosity"].present:
         return
     logging.set_verbosity(logging.INFO)
