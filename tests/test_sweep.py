@@ -68,7 +68,8 @@ with open(os.path.join(root, "calls"), "a") as f:
     f.write("x\\n")
 if os.path.exists(os.path.join(root, "FAIL")):
     sys.exit(3)
-json.dump({"accuracy": 0.5}, open(os.path.join(root, "eval", "metrics.json"), "w"))
+json.dump({"metrics": {"accuracy": 0.5, "macro_f1": 0.25, "n": 2}},
+          open(os.path.join(root, "eval", "metrics.json"), "w"))
 open(os.path.join(root, "eval", "predictions.csv"), "w").write("id,gold,predicted\\na,1,1\\n")
 json.dump({}, open(os.path.join(root, "probe", "probe.json"), "w"))
 """
@@ -94,8 +95,12 @@ def test_rerun_skips_finished_and_retries_failed(tmp_path):
         assert json.load(open(os.path.join(sweep, cell.rel, grid.DEFINITION_FILE))) == \
             definition_of(cell)
     assert json.load(open(os.path.join(sweep, bad.rel, "status.json")))["state"] == "failed"
-    r2 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
+    lines = []
+    r2 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lines.append)
     assert len(r2["skipped"]) == 3 and r2["failed"] == [bad]
+    done = cells[0]
+    assert (f"[sweep] finished earlier, skipped: {done.rel}: accuracy 0.500, macro-F1 0.250 "
+            f"on 2 test examples; results in {os.path.join(sweep, done.rel, 'eval')}") in lines
     os.remove(os.path.join(sweep, bad.rel, "FAIL"))
     r3 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
     assert r3["failed"] == [bad]  # two attempts used up: listed, not retried
