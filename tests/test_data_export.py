@@ -52,13 +52,17 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert target.read_text() == "whole\n" and os.listdir(tmp_path) == ["out.jsonl"]
 
 
-def test_export_round_trip_and_failed_runs_change_nothing(tmp_path, rated, monkeypatch):
+def test_export_round_trip_and_failed_runs_change_nothing(tmp_path, rated, monkeypatch,
+                                                           capfd):
     train, test = rated[:20], rated[20:]
     summary = export.split_summary(train, test)
     assert summary["num_train"] == 20 and sum(summary["labels"]["test"]["on_topic"].values()) == 10
     assert set(summary["target_lengths"]["naturalness"]) == {
         "label_only", "explanation", "shuffled", "bag_of_words", "random_vocab"}
     export.export(str(tmp_path), "synthetic", train, test, summary)
+    out, err = capfd.readouterr()
+    assert "Downloading and preparing" not in out + err          # we build, not download
+    assert "nothing is downloaded" in err and "TFDS dataset xft_rated/synthetic written" in err
     d = build_datasets("synthetic", str(tmp_path))
     t = build_datasets("synthetic", str(tmp_path / "tfds"))
     v = build_datasets("synthetic", tfds_builder.dataset_dir(str(tmp_path / "tfds"), "synthetic"))

@@ -42,7 +42,10 @@ def test_smoke_demo_writes_every_report_file(tmp_path):
     second = _demo(out)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing cached base model" in second.stderr
-    assert second.stderr.count("already done, skipped") == 2
+    assert second.stderr.count("finished earlier, skipped") == 2
+    assert "[demo] done: synthetic/naturalness/label_only/seed0: accuracy " in first.stderr
+    for noise in ("checkpoint_manager.py", "xla_bridge.py", "PyTorch was not found"):
+        assert noise not in first.stderr, noise          # third-party INFO stays hidden
     kept = {f: open(os.path.join(out, f), "rb").read()
             for f in ("base_model/pretrain.json", "base_model/model.safetensors",
                       "runs/synthetic/naturalness/explanation/seed0/eval/metrics.json")}

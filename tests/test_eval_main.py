@@ -158,6 +158,9 @@ def test_evaluate_cli_with_generation(run_dir, tmp_path):
            "--config.eval.max_new_tokens=6"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("checkpoint_manager.py", "xla_bridge.py", "PyTorch was not found"):
+        assert noise not in proc.stderr, noise            # third-party INFO stays hidden
+    assert "evaluate.py" in proc.stderr and "accuracy=" in proc.stderr   # our own line
     with open(out / "metrics.json") as f:
         doc = json.load(f)
     rows = _read_csv(out / "predictions.csv")

@@ -11,10 +11,19 @@ from xft_jax.study import grid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _inputs(tmp_path, sources=grid.SOURCES):
+    """Sweep flags pointing the model and data paths at existing directories."""
+    for s in sources:
+        os.makedirs(tmp_path / "inputs" / "data" / s, exist_ok=True)
+    os.makedirs(tmp_path / "inputs" / "model", exist_ok=True)
+    return [f"--config.data_path={tmp_path}/inputs/data/{{source}}",
+            f"--config.overrides=('--config.model.path={tmp_path}/inputs/model',)"]
+
+
 def test_dry_run_lists_every_cell(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
-         f"--sweep_dir={tmp_path}", "--dry_run"],
+         f"--sweep_dir={tmp_path}", "--dry_run", *_inputs(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     cells = [l for l in out.splitlines() if l.startswith("# ")]
     assert len(cells) == 6 * 3 * 5 * 3
@@ -24,9 +33,30 @@ def test_dry_run_lists_every_cell(tmp_path):
     assert sum("/random_vocab/" in l for l in cells) == 6 * 3 * 3
     out2 = subprocess.run(
         [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
-         f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=(0,1)"],
+         f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=(0,1)", *_inputs(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "180 cells = 6 sources x 3 axes x 5 variants x 2 seeds" in out2
+
+
+def test_dry_run_shows_the_inputs_and_fails_early_on_a_missing_one(tmp_path):
+    """The model path every run will load is shown, and a missing data path stops the
+    dry run and the real run (exit 2) before anything is written."""
+    args = [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py",
+            "--config.sources=('coqa','amazon_qa')", "--config.axes=('naturalness',)",
+            "--config.seeds=(0,)", *_inputs(tmp_path, ["coqa"])]
+    sweep = str(tmp_path / "sweep")
+    dry = subprocess.run(args + [f"--sweep_dir={sweep}", "--dry_run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 2, dry.stderr[-2000:]
+    assert f"input model.path: {tmp_path}/inputs/model [found]" in dry.stdout
+    assert f"input data.path (coqa): {tmp_path}/inputs/data/coqa [found]" in dry.stdout
+    assert f"input data.path (amazon_qa): {tmp_path}/inputs/data/amazon_qa [MISSING]" in dry.stdout
+    assert dry.stderr.count("\n") == 1 and "1 input path(s) missing" in dry.stderr
+    assert "Traceback" not in dry.stderr
+    real = subprocess.run(args + [f"--sweep_dir={sweep}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert real.returncode == 2 and "data.path (amazon_qa)" in real.stderr
+    assert not os.path.exists(sweep)                     # failed before writing anything
 
 
 FAKE_RUN = """
@@ -38,7 +68,8 @@ with open(os.path.join(root, "calls"), "a") as f:
     f.write("x\\n")
 if os.path.exists(os.path.join(root, "FAIL")):
     sys.exit(3)
-json.dump({"accuracy": 0.5}, open(os.path.join(root, "eval", "metrics.json"), "w"))
+json.dump({"metrics": {"accuracy": 0.5, "macro_f1": 0.25, "n": 2}},
+          open(os.path.join(root, "eval", "metrics.json"), "w"))
 open(os.path.join(root, "eval", "predictions.csv"), "w").write("id,gold,predicted\\na,1,1\\n")
 json.dump({}, open(os.path.join(root, "probe", "probe.json"), "w"))
 """
@@ -64,8 +95,12 @@ def test_rerun_skips_finished_and_retries_failed(tmp_path):
         assert json.load(open(os.path.join(sweep, cell.rel, grid.DEFINITION_FILE))) == \
             definition_of(cell)
     assert json.load(open(os.path.join(sweep, bad.rel, "status.json")))["state"] == "failed"
-    r2 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
+    lines = []
+    r2 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lines.append)
     assert len(r2["skipped"]) == 3 and r2["failed"] == [bad]
+    done = cells[0]
+    assert (f"[sweep] finished earlier, skipped: {done.rel}: accuracy 0.500, macro-F1 0.250 "
+            f"on 2 test examples; results in {os.path.join(sweep, done.rel, 'eval')}") in lines
     os.remove(os.path.join(sweep, bad.rel, "FAIL"))
     r3 = grid.run_local(cells, sweep, commands_of, probe=True, max_attempts=2, log=lambda *_: None)
     assert r3["failed"] == [bad]  # two attempts used up: listed, not retried
@@ -143,7 +178,9 @@ def test_a_finished_cell_is_not_reused_under_other_settings(tmp_path):
         [sys.executable, "-m", "xft_jax.sweep", "--config=configs/paper.py", "--dry_run",
          f"--sweep_dir={sweep}", "--config.probe=False", "--config.sources=('coqa',)",
          "--config.axes=('naturalness',)", "--config.variants=('explanation',)",
-         "--config.seeds=(0,)", '--config.overrides=("--config.optim.lr=0.001",)'],
+         "--config.seeds=(0,)", _inputs(tmp_path, ["coqa"])[0],
+         '--config.overrides=("--config.optim.lr=0.001", '
+         f'"--config.model.path={tmp_path}/inputs/model")'],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     assert f"# {done.rel} [done under other settings: " in dry and "train.optim.lr" in dry
     os.remove(os.path.join(sweep, done.rel, grid.DEFINITION_FILE))   # results, no record

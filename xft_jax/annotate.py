@@ -25,6 +25,7 @@ from absl import flags, logging
 
 from xft_jax import errors
 
+from xft_jax import console
 from xft_jax.data import (annotation, export, local_annotator, openai_client, sources, splits,
                           synthetic)
 from xft_jax.data.annotation_prompts import VARIANTS
@@ -93,9 +94,12 @@ def check_failures(report: annotation.AnnotationReport, max_fraction: float) -> 
 class AnnotationFailedError(errors.UserError, RuntimeError):
     """Too many annotation requests failed for the result to stand for the ensemble."""
 
+console.define_flags(with_config=False)
+
 
 def main(argv):
     del argv
+    console.start()
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()

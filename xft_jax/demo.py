@@ -16,13 +16,16 @@ DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "demo.py")
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from xft_jax import errors  # noqa: E402
+from xft_jax import console, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Demo config.")
+
+console.define_flags()
 
 
 def main(argv):
     del argv
+    console.start(_CONFIG)
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
     from xft_jax.study import demo_lib

@@ -27,7 +27,7 @@ import numpy as np
 
 from xft_jax.errors import ConfigValueError
 from xft_jax.atomic import write_text as atomic_write
-from xft_jax import generation, metrics, scoring, sharding
+from xft_jax import console, generation, metrics, scoring, sharding
 from xft_jax.data.encode import ROOM_PERCENTILE
 from xft_jax.data.splits import VALIDATION_FRACTION
 from xft_jax.data.targets import PAPER_VARIANTS
@@ -174,7 +174,8 @@ def score(loaded: Loaded, batches, batch_size: int, mesh) -> tuple[dict, dict]:
     params, lora = m.params(), m.lora_params()
     first_done, n_after, t0 = None, 0, time.perf_counter()
     parts = []
-    for r in scoring.score_batches(fn, params, lora, batches, batch_size, mesh,
+    bars = console.progress(batches, total=batches.num_batches, desc="evaluate")
+    for r in scoring.score_batches(fn, params, lora, bars, batch_size, mesh,
                                    names=batches.example_ids):
         parts.append(r)
         if first_done is None:              # the first batch includes the compile

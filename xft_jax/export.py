@@ -11,10 +11,9 @@ base copied along).
 
 from __future__ import annotations
 
-from absl import flags, logging
+from absl import flags
 
-from xft_jax import errors
-
+from xft_jax import console, errors
 # The library function (import it from xft_jax.training.export_run: importing this main
 # defines its absl flags). Kept here under its old name for existing callers.
 from xft_jax.training.export_run import export_run as export  # noqa: F401
@@ -29,11 +28,12 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Base dtype for the merge / saved we
                              "(default: the run's model.dtype).")
 flags.mark_flags_as_required(["workdir", "out"])
 
+console.define_flags(with_config=False)
+
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:   # orbax logs every file it reads at INFO
-        logging.set_verbosity(logging.WARNING)
+    console.start()
     print(export(_WORKDIR.value, _FORMAT.value, _OUT.value, _STEP.value, _DTYPE.value,
                  _OVERWRITE.value))
 

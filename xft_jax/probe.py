@@ -14,7 +14,7 @@ from __future__ import annotations
 from absl import flags, logging
 from ml_collections import config_flags
 
-from xft_jax import distributed, errors
+from xft_jax import console, distributed, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
                                           lock_config=True)
@@ -26,9 +26,12 @@ _VARIANTS = flags.DEFINE_list("variants", [], "Variant name per workdir (default
 _DIST = distributed.define_flags()
 flags.mark_flags_as_required(["config", "out"])
 
+console.define_flags()
+
 
 def main(argv):
     del argv
+    console.start(_CONFIG)
     distributed.initialize_from_flags(_DIST)
     from xft_jax import probe_report
 

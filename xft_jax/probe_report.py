@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from xft_jax.errors import ConfigValueError
-from xft_jax import eval_lib, probe_lib, scoring
+from xft_jax import console, eval_lib, probe_lib, scoring
 
 TITLES = {
     "act_entropy": "activation-energy entropy at the decision position (nats)",
@@ -41,7 +41,8 @@ def probe_run(config, mesh) -> dict:
     m = loaded.model
     fn = probe_lib.make_probe_fn(m.config, m.forward_options(), batches.label_token_ids,
                                  vocab_chunk=int(config.eval.vocab_chunk), mesh=mesh)
-    values = probe_lib.run_probe(fn, m.params(), m.lora_params(), batches, bs, mesh)
+    bars = console.progress(batches, total=batches.num_batches, desc="probe")
+    values = probe_lib.run_probe(fn, m.params(), m.lora_params(), bars, bs, mesh)
     run = loaded.run_config
     acc = float(np.mean(values["log_probs"].argmax(1) == values["label"]))
     return {"model": loaded.info, "data": data_info, "n": int(values["label"].size),

@@ -14,6 +14,7 @@ from absl import flags
 
 from xft_jax import errors
 
+from xft_jax import console
 from xft_jax.study import report_io
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Sweep directory.", required=True)
@@ -24,9 +25,12 @@ _VARIANTS = flags.DEFINE_list("variants", None, "Override the grid's variants.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Override the grid's seeds.")
 _N_BOOT = flags.DEFINE_integer("n_boot", 2000, "Bootstrap resamples.")
 
+console.define_flags(with_config=False)
+
 
 def main(argv):
     del argv
+    console.start()
     sweep_dir = _SWEEP_DIR.value
     given = [_SOURCES.value, _AXES.value, _VARIANTS.value, _SEEDS.value]
     g = report_io.grid_of(sweep_dir) if not all(given) else {}

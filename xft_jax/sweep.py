@@ -22,7 +22,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from xft_jax import errors
+from xft_jax import console, errors
 from xft_jax.study import grid
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Sweep config.")
@@ -32,9 +32,12 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the cells and their comman
 LAUNCHERS = {"gpu_node": "launch/gpu_node.sh", "slurm": "launch/slurm.sbatch",
              "tpu_pod": "launch/tpu_pod.sh"}
 
+console.define_flags()
+
 
 def main(argv):
     del argv
+    console.start(_CONFIG)
     c = _CONFIG.value
     sweep_dir = _SWEEP_DIR.value
     cell_list = grid.cells(c.sources, c.axes, c.variants, c.seeds)
@@ -48,6 +51,14 @@ def main(argv):
     def definition_of(cell):
         return grid.commands_definition(commands_of(cell))
 
+    missing = show_inputs(cell_list, definition_of)
+    if missing and (_DRY_RUN.value or c.launcher == "local"):
+        print(f"error: {len(missing)} input path(s) missing: " + "; ".join(missing)
+              + ". Fetch and rate the data (README: Data), download the model (README: "
+              "The model), or point --config.data_path / --config.overrides at them.",
+              file=sys.stderr)
+        if not _DRY_RUN.value:
+            return 2
     if _DRY_RUN.value:
         for cell in cell_list:
             state = "done" if grid.is_done(sweep_dir, cell, c.probe) else "pending"
@@ -60,7 +71,7 @@ def main(argv):
                 print(shlex.join(cmd))
         print(f"{len(cell_list)} cells = {len(c.sources)} sources x {len(c.axes)} axes x "
               f"{len(c.variants)} variants x {len(c.seeds)} seeds")
-        return
+        return 2 if missing else 0
     grid.check_definitions(sweep_dir, cell_list, definition_of, c.probe)  # before any write
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w", encoding="utf-8") as f:
@@ -82,6 +93,26 @@ def main(argv):
         print(f"FAILED {rel}")
     if summary.get("failed"):
         sys.exit(1)
+
+
+def show_inputs(cell_list, definition_of) -> list[str]:
+    """Prints the model and data paths the training runs will read (one resolved train
+    config per source); returns the missing ones as "key (source): path"."""
+    missing, seen = [], set()
+    for cell in cell_list:
+        if cell.source in seen:
+            continue
+        seen.add(cell.source)
+        for key, path in grid.cell_inputs(definition_of(cell)["train"]).items():
+            if key.startswith("model.") and key in seen:
+                continue
+            seen.add(key)
+            where = f"{key} ({cell.source})" if key.startswith("data.") else key
+            state = "MISSING" if grid.is_missing(path) else "found"
+            print(f"input {where}: {path} [{state}]")
+            if state == "MISSING":
+                missing.append(f"{where}: {path}")
+    return missing
 
 
 def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_of):

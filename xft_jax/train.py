@@ -10,12 +10,14 @@ checkpoint and exits 0. Multi-process: pass --coordinator/--num_processes/--proc
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from xft_jax import distributed, errors
+from xft_jax import console, distributed, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -23,11 +25,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 _DIST = distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
+console.define_flags()
+
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:   # orbax logs every file it writes at INFO
-        logging.set_verbosity(logging.WARNING)
+    console.start(_CONFIG)
     distributed.initialize_from_flags(_DIST)
     from xft_jax.training.trainer import NonFiniteError, train
 
@@ -40,7 +43,23 @@ def main(argv):
     if result.status == "preempted":
         print(f"preempted: saved step {result.step}; rerun with the same --workdir to "
               f"resume", file=sys.stderr)
+    else:
+        print(finished_line(result), file=sys.stderr)
     return 0
+
+
+def finished_line(result) -> str:
+    """Where a finished run's results are, and its best validation accuracy."""
+    wd = result.workdir
+    state = "finished" if result.last_metrics else "already finished, nothing to do"
+    line = f"{state}: step {result.step} in {wd} (metrics.jsonl, checkpoints/"
+    try:
+        with open(os.path.join(wd, "validation.json"), encoding="utf-8") as f:
+            v = json.load(f)
+        return (line + f", validation.json); best validation accuracy {v['best_accuracy']:.3f} "
+                f"at step {v['best_step']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return line + ")"
 
 
 if __name__ == "__main__":

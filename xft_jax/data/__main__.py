@@ -13,6 +13,7 @@ from absl import flags
 
 from xft_jax import errors
 
+from xft_jax import console
 from xft_jax.data import sources
 from xft_jax.data.readers import LoadReport
 
@@ -23,9 +24,12 @@ _LIMIT = flags.DEFINE_integer("limit", 10, "Print at most this many items (0 = a
 _ON_ERROR = flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
                               "Bad rows: stop with file:line, or skip and count them.")
 
+console.define_flags(with_config=False)
+
 
 def main(argv):
     del argv
+    console.start()
     report = LoadReport()
     convs = sources.load_source(_SOURCE.value, _PATH.value, _LIMIT.value or None,
                                 _ON_ERROR.value, report)

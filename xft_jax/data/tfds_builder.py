@@ -65,6 +65,14 @@ class XftRated(tfds.core.GeneratorBasedBuilder):
     def code_path(cls):
         return epath.Path(__file__)
 
+    def _log_download_bytes(self) -> None:
+        """TFDS would announce a download of "Unknown size"; nothing is downloaded."""
+        print(f"Writing the TFDS dataset {NAME}/{self.builder_config.name} (array_record) "
+              f"from the rated JSONL export; nothing is downloaded.", file=sys.stderr)
+
+    def _log_download_done(self) -> None:
+        """``build`` says where the finished dataset is, once it is in place."""
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
                                      features=_features())
@@ -128,6 +136,7 @@ def build(jsonl_dir: str, data_dir: str, source: str) -> str:
                 download_config=tfds.download.DownloadConfig(manual_dir=jsonl_dir))
         final = dataset_dir(data_dir, source)
         atomic.replace_dir(os.fspath(builder.data_dir), final)
+        print(f"TFDS dataset {NAME}/{source} written to {final}", file=sys.stderr)
         return final
     finally:
         with contextlib.suppress(OSError):

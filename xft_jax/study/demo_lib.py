@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 
 from tqdm import tqdm
@@ -125,11 +126,13 @@ def run_demo(c, log=print) -> dict:
                    "seeds": list(c.seeds), "probe": bool(c.probe)}, f, indent=2)
     for cell in tqdm(cells, desc="demo runs", unit="run"):
         if grid.is_done(sweep_dir, cell, c.probe):
-            log(f"[demo] {cell.rel}: already done, skipped")
+            tqdm.write(f"[demo] finished earlier, skipped: {grid.score_line(sweep_dir, cell)}",
+                       file=sys.stderr)
             continue
         log(f"[demo] {cell.rel}: LoRA fine-tuning, evaluation" + (", probe" if c.probe else ""))
         grid.record_definition(sweep_dir, cell, definition_of(cell))
         run_cell(c, cell, base_dir, sweep_dir, log)
+        tqdm.write(f"[demo] done: {grid.score_line(sweep_dir, cell)}", file=sys.stderr)
     report_dir = os.path.join(out, "report")
     text = report_io.write_report(
         sweep_dir, report_dir, [SOURCE], c.axes, c.variants, c.seeds,

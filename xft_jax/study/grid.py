@@ -106,6 +106,19 @@ def commands_definition(cmds: Sequence[Sequence[str]]) -> dict:
     return out
 
 
+def cell_inputs(train_config: dict) -> dict[str, str]:
+    """The paths a cell's training run reads, by config key (unset ones left out)."""
+    m, d = train_config["model"], train_config["data"]
+    keys = {"model.path": m.get("path"), "model.tokenizer": m.get("tokenizer"),
+            "data.path": d.get("path") if d.get("source") != "synthetic" else None}
+    return {k: str(v) for k, v in keys.items() if v}
+
+
+def is_missing(path: str) -> bool:
+    """A local path that does not exist (remote URLs such as gs:// are not checked)."""
+    return "://" not in path and not os.path.exists(path)
+
+
 def definition_conflict(sweep_dir: str, cell: Cell, definition: dict) -> str | None:
     """Why the finished ``cell`` cannot stand for ``definition`` (it ran under other
     settings, or recorded none); None when it can."""
@@ -160,6 +173,19 @@ def is_done(sweep_dir: str, cell: Cell, probe: bool) -> bool:
     return all(os.path.exists(p) for p in needed)
 
 
+def score_line(sweep_dir: str, cell: Cell) -> str:
+    """One line for a finished cell: its test scores and where its results are."""
+    eval_dir = os.path.join(sweep_dir, cell.rel, "eval")
+    try:
+        with open(os.path.join(eval_dir, "metrics.json"), encoding="utf-8") as f:
+            m = json.load(f)["metrics"]
+        scores = (f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
+                  f"on {m['n']} test examples")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        scores = f"no readable scores ({type(e).__name__})"
+    return f"{cell.rel}: {scores}; results in {eval_dir}"
+
+
 def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: bool,
               max_attempts: int = 2, log=print,
               definition_of=None) -> dict[str, list[Cell]]:
@@ -170,6 +196,7 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
     for cell in cell_list:
         status = read_status(sweep_dir, cell)
         if is_done(sweep_dir, cell, probe):
+            log(f"[sweep] finished earlier, skipped: {score_line(sweep_dir, cell)}")
             result["skipped"].append(cell)
             continue
         if status["state"] == "failed" and status["attempts"] >= max_attempts:
@@ -202,7 +229,7 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
         else:
             write_status(sweep_dir, cell, {"state": "done", "attempts": attempts,
                                            "finished": time.time()})
-            log(f"[sweep] {cell.rel}: done")
+            log(f"[sweep] done: {score_line(sweep_dir, cell)}")
             result["done"].append(cell)
     return result
 
