@@ -49,6 +49,7 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
 
     from xft_jax import lora as lora_lib
     from xft_jax import sharding
+    from xft_jax.models import partitioning
     from xft_jax.models import hf_io
     from xft_jax.training import data as data_lib
     from xft_jax.training import optim
@@ -67,7 +68,7 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
     opts = model.forward_options()
     base, lora = model.params(), model.lora_params()
     model.lora = None
-    base_sh = sharding.param_shardings(mesh, base)
+    base_sh = partitioning.param_shardings(mesh, base)
     lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
     ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0,
                                           weight_decay=0.0, clip_norm=1.0))

@@ -11,7 +11,7 @@ import pytest
 
 from xft_jax import lora as lora_lib
 from xft_jax import sharding
-from xft_jax.models import hf_io
+from xft_jax.models import hf_io, partitioning
 from xft_jax.training import optim
 from xft_jax.training.loss import chunked_token_ce, finalize, masked_sums
 from xft_jax.training.step import (StepConfig, jit_step, make_step_fn,
@@ -52,7 +52,7 @@ class Setup:
         self.base = model.params()
         self.lora = model.lora_params()
         self.lora_sh = lora_lib.lora_shardings(self.cfg, self.lcfg, self.mesh)
-        self.base_sh = sharding.param_shardings(self.mesh, self.base)
+        self.base_sh = partitioning.param_shardings(self.mesh, self.base)
         self.tx, _ = optim.make_optimizer(optim_cfg(lr), 10)
         self.opt_sh = opt_state_shardings(self.tx, self.lora, self.lora_sh, self.mesh)
         self.opt = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.lora)

@@ -16,6 +16,8 @@ DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "demo.py")
 from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from xft_jax.study import demo_lib  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Demo config.")
 
 
@@ -23,8 +25,6 @@ def main(argv):
     del argv
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
-    from xft_jax.study import demo_lib
-
     result = demo_lib.run_demo(_CONFIG.value, log=logging.info)
     print(result["report"])
     print(f"report written to {result['report_dir']} in {result['seconds']:.0f} s")

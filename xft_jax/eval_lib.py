@@ -19,13 +19,20 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xft_jax import generation
+from xft_jax import lora as lora_lib
+from xft_jax import metrics, scoring, sharding
 from xft_jax.atomic import write_text as atomic_write
-from xft_jax import generation, metrics, scoring, sharding
+from xft_jax.data import pipeline
 from xft_jax.data.targets import PAPER_VARIANTS
+from xft_jax.models.tokenizer import load_tokenizer
+from xft_jax.quantization import QuantConfig
+from xft_jax.training.base_model import load_base, tokenizer_path
+from xft_jax.training.data import explanation_vocab, prompt_room
+from xft_jax.training.restore import load_trained
 
 # Used only when neither the eval config nor a training run says (configs/common.py).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
@@ -50,15 +57,10 @@ def make_mesh(config):
 
 def load_model(mc, mesh) -> Loaded:
     """The model named by ``config.model`` (see module doc), placed on ``mesh``."""
-    from xft_jax.models import hf_io, load_tokenizer
-
     if bool(mc.workdir) == bool(mc.path):
         raise ValueError("set exactly one of config.model.workdir (a training run) and "
                          "config.model.path (an HF base or merged checkpoint)")
     if mc.workdir:
-        from xft_jax.training.base_model import tokenizer_path
-        from xft_jax.training.restore import load_trained
-
         if mc.adapter:
             raise ValueError("config.model.adapter is for config.model.path, not a workdir")
         model, meta, step = load_trained(mc.workdir, mc.step, dtype=mc.dtype or None,
@@ -70,18 +72,10 @@ def load_model(mc, mesh) -> Loaded:
                 "base_model_path": base, "lora": {k: meta["lora"].get(k) for k in
                                                   ("rank", "alpha", "targets", "rslora")}}
         return Loaded(model, load_tokenizer(tok), run, info)
-    from xft_jax.quantization import QuantConfig
-
-    dtype = jnp.dtype(mc.dtype or "float32")
-    quant = QuantConfig.from_config(mc)
-    model = hf_io.load_pretrained(mc.path, dtype=dtype, mesh=mesh,
-                                  compute_dtype=jnp.dtype(mc.compute_dtype or dtype),
-                                  quantization=quant)
+    model = load_base(mc, mc.path, mesh, inference=True)
     info = {"kind": "merged_or_base", "path": os.path.abspath(mc.path),
-            "quantization": quant.kind}
+            "quantization": QuantConfig.from_config(mc).kind}
     if mc.adapter:
-        from xft_jax import lora as lora_lib
-
         lora_lib.load_peft_adapter(model, mc.adapter, mesh)
         info.update(kind="base+adapter", adapter=os.path.abspath(mc.adapter))
     return Loaded(model, load_tokenizer(mc.tokenizer or mc.path), None, info)
@@ -112,9 +106,6 @@ def eval_batches(d, tokenizer, batch_size: int):
     examples), so runs of different variants would be scored on different inputs. The
     prompt is cut as in training (``data.prompt_room``, the run's own by default), so an
     example is scored on the prompt the run would have trained on."""
-    from xft_jax.data import pipeline
-    from xft_jax.training.data import explanation_vocab, prompt_room
-
     splits = pipeline.build_datasets(d.source, d.path or None, num_train=d.num_train,
                                      num_test=d.num_test, seed=int(d.seed),
                                      num_synthetic=d.num_synthetic)

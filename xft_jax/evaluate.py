@@ -18,7 +18,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xft_jax import distributed
+from xft_jax import distributed, eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
                                           lock_config=True)
@@ -30,8 +30,6 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv):
     del argv
     distributed.initialize_from_flags(_DIST)
-    from xft_jax import eval_lib
-
     doc = eval_lib.run_evaluation(_CONFIG.value, _OUT.value)
     m = doc["metrics"]
     logging.info("n=%d accuracy=%.4f qwk=%s macro_f1=%.4f ece=%.4f %.1f examples/s",

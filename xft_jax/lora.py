@@ -26,8 +26,9 @@ from flax import nnx
 
 from xft_jax import atomic, sharding
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import (LINEAR_NAMES, Decoder, leaf_axes, linear_shape,
-                                   params_tree)
+from xft_jax.models import hf_io
+from xft_jax.models.decoder import LINEAR_NAMES, Decoder, linear_shape
+from xft_jax.models.partitioning import leaf_axes, params_tree
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -273,8 +274,6 @@ def save_peft_adapter(model: Decoder, out_dir: str, base_model_path: str = "",
 
 def save_merged(model: Decoder, out_dir: str, dtype=None) -> None:
     """Merges the adapters into the base (in place) and saves an HF checkpoint."""
-    from xft_jax.models import hf_io
-
     if model.lora is not None:
         merge(model)
     hf_io.save_pretrained(model, out_dir, dtype=dtype)

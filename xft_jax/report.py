@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from xft_jax.study import report_io
+from xft_jax.study import probe_summary, report_io
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Sweep directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Report directory (default <sweep_dir>/report).")
@@ -35,7 +35,7 @@ def main(argv):
     out = _OUT.value or os.path.join(sweep_dir, "report")
     text = report_io.write_report(sweep_dir, out, sources, axes, variants, seeds,
                                   n_boot=_N_BOOT.value,
-                                  probe_summary=report_io.default_probe_summary())
+                                  probe_summary=probe_summary.summarize)
     print(text)
 
 

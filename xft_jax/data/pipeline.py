@@ -42,6 +42,7 @@ from xft_jax.data.encode import SEQ_FIELDS, EncodeStats, Encoder, label_token_id
 from xft_jax.data.schema import RatedExample
 from xft_jax.data.splits import build_datasets  # noqa: F401  (re-exported for trainers)
 from xft_jax.data.targets import ExplanationVocab
+from xft_jax.data.tfds_builder import record_to_example
 
 __all__ = ["Batches", "make_batches", "encoded_digest", "label_token_ids", "build_datasets",
            "to_examples"]
@@ -80,8 +81,6 @@ def encoded_digest(encoded: Sequence[dict]) -> str:
 def to_examples(data) -> list[RatedExample]:
     """RatedExamples from a list of them or from a random-access TFDS data source."""
     if len(data) and not isinstance(data[0], RatedExample):
-        from xft_jax.data.tfds_builder import record_to_example
-
         return [record_to_example(data[i]) for i in range(len(data))]
     return list(data)
 

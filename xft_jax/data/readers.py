@@ -17,8 +17,10 @@ import io
 import json
 import os
 
+from typing import Any, Iterator, Sequence
+
 from xft_jax.atomic import atomic_open
-from typing import Any, Iterator
+from xft_jax.data.schema import RatedExample, SchemaError
 
 ROW_EXTENSIONS = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet", ".csv",
                   ".tsv")
@@ -226,3 +228,20 @@ def write_json(path: str, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
         f.write("\n")
+
+
+def read_rated_jsonl(path: str, on_error: str = "raise",
+                     report: LoadReport | None = None) -> list[RatedExample]:
+    """RatedExamples from a JSONL export; errors name file and line."""
+    policy = ErrorPolicy(on_error, report)
+    out = []
+    for where, row in iter_rows(path, policy):
+        try:
+            out.append(RatedExample.from_dict(row))
+        except SchemaError as e:
+            policy.fail(where, f"invalid item: {e}")
+    return out
+
+
+def write_rated_jsonl(path: str, examples: Sequence[RatedExample]) -> None:
+    write_jsonl(path, [ex.to_dict() for ex in examples])

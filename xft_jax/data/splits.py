@@ -17,8 +17,9 @@ import hashlib
 import os
 from typing import Callable, Sequence, TypeVar
 
-from xft_jax.data.readers import DataError, ErrorPolicy, LoadReport, iter_rows, write_jsonl
-from xft_jax.data.schema import RatedExample, SchemaError
+from xft_jax.data import synthetic, tfds_builder
+from xft_jax.data.readers import DataError, read_rated_jsonl
+from xft_jax.data.schema import RatedExample
 
 T = TypeVar("T")
 TEST_FRACTION = 1 / 3  # the paper's 10,000 train / 5,000 test
@@ -53,23 +54,6 @@ def sample_split(items: Sequence[T], num_train: int | None = None, num_test: int
     return out
 
 
-def read_rated_jsonl(path: str, on_error: str = "raise",
-                     report: LoadReport | None = None) -> list[RatedExample]:
-    """RatedExamples from a JSONL export; errors name file and line."""
-    policy = ErrorPolicy(on_error, report)
-    out = []
-    for where, row in iter_rows(path, policy):
-        try:
-            out.append(RatedExample.from_dict(row))
-        except SchemaError as e:
-            policy.fail(where, f"invalid item: {e}")
-    return out
-
-
-def write_rated_jsonl(path: str, examples: Sequence[RatedExample]) -> None:
-    write_jsonl(path, [ex.to_dict() for ex in examples])
-
-
 @dataclasses.dataclass
 class DatasetSplits:
     """Rated train and test examples of one source, and where they came from."""
@@ -99,11 +83,7 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
     ``<source>/{train,test}.jsonl``), a TFDS data_dir holding the ``xft_rated/<source>``
     dataset, or that dataset's version directory.
     """
-    from xft_jax.data import tfds_builder
-
     if source == "synthetic" and path is None:
-        from xft_jax.data import synthetic
-
         n = synthetic.DEFAULT_NUM_ITEMS if num_synthetic is None else num_synthetic
         parts = sample_split(synthetic.generate(n, seed), num_train, num_test, test_fraction)
         return DatasetSplits(parts["train"], parts["test"], source, f"synthetic(n={n}, "

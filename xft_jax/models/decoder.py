@@ -6,7 +6,7 @@ place. Layers are stacked on a leading axis and run under ``jax.lax.scan``: comp
 does not grow with depth.
 
 Weight layout is [in, out] (HF stores [out, in]); stacked layer weights carry a leading
-layer axis. ``PARAM_AXES`` gives the logical axes of every leaf for sharding.
+layer axis; ``models.partitioning`` gives the logical axes of every leaf.
 """
 
 from __future__ import annotations
@@ -23,26 +23,8 @@ from xft_jax import sharding
 from xft_jax.models.attention import (MASK_FREE_IMPLS, causal_self_attention,
                                       mask_free_self_attention)
 from xft_jax.models.config import ModelConfig
+from xft_jax.models.partitioning import params_tree
 
-# Logical axes by leaf name; stacked layer leaves get a leading 'layers' axis.
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("norm",),
-    "lm_head": ("embed", "vocab"),
-    "input_norm": ("layers", "norm"),
-    "post_attn_norm": ("layers", "norm"),
-    "q_proj": ("layers", "embed", "heads"),
-    "k_proj": ("layers", "embed", "kv_heads"),
-    "v_proj": ("layers", "embed", "kv_heads"),
-    "o_proj": ("layers", "heads", "embed"),
-    "q_bias": ("layers", "heads"),
-    "k_bias": ("layers", "kv_heads"),
-    "v_bias": ("layers", "kv_heads"),
-    "o_bias": ("layers", "embed"),
-    "gate_proj": ("layers", "embed", "mlp"),
-    "up_proj": ("layers", "embed", "mlp"),
-    "down_proj": ("layers", "mlp", "embed"),
-}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -449,19 +431,3 @@ class Decoder(nnx.Module):
         return self.forward(input_ids, attention_mask=attention_mask, positions=positions,
                             segment_ids=segment_ids)["logits"]
 
-
-def params_tree(state) -> dict:
-    """nnx.State -> nested dict of arrays (Param wrappers removed; LoRA excluded)."""
-    pure = dict(nnx.to_pure_dict(state))
-    pure.pop("lora", None)
-    return pure
-
-
-def leaf_axes(path: tuple) -> tuple[str, ...]:
-    """Logical axes of a parameter from its state path, e.g. ('layers', 'q_proj')."""
-    names = [str(getattr(k, "key", k)) for k in path]
-    if "lora" in names:
-        target, part = names[-2], names[-1]
-        base = PARAM_AXES[target]
-        return (base[0], base[1], "lora_rank") if part == "a" else (base[0], "lora_rank", base[2])
-    return PARAM_AXES[names[-1]]

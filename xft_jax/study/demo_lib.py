@@ -10,10 +10,11 @@ import time
 
 from tqdm import tqdm
 
-from xft_jax import atomic
+from xft_jax import atomic, eval_lib, probe_report
 from xft_jax.data import synthetic
 from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
 from xft_jax.study import grid, pretrain, probe_summary, report_io
+from xft_jax.training import trainer
 
 SOURCE = "synthetic"
 
@@ -60,9 +61,6 @@ def cell_definition(c, cell: grid.Cell, base_dir: str, sweep_dir: str, base_mode
 
 
 def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> None:
-    from xft_jax import eval_lib, probe_report
-    from xft_jax.training import trainer
-
     root = os.path.join(sweep_dir, cell.rel)
     tc, ec, pc = cell_configs(c, cell, base_dir, sweep_dir)
     trainer.train(tc, ec.model.workdir)

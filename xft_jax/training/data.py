@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from xft_jax import sharding
+from xft_jax.data import pipeline
+from xft_jax.data.targets import PAPER_VARIANTS, TARGET_VARIANTS, ExplanationVocab
 from xft_jax.training.step import TRAIN_KEYS
 
 
@@ -27,8 +29,6 @@ class RunData:
 
 
 def build(config, tokenizer) -> RunData:
-    from xft_jax.data import pipeline
-
     d = config.data
     splits = pipeline.build_datasets(
         d.source, d.get("path", None) or None, num_train=d.get("num_train", None),
@@ -60,8 +60,6 @@ def build(config, tokenizer) -> RunData:
 def prompt_room(d) -> tuple[str, ...]:
     """``data.prompt_room`` as a tuple of target variants; a config without the key (one
     written before it existed) gets the default, the paper's variants."""
-    from xft_jax.data.targets import PAPER_VARIANTS, TARGET_VARIANTS
-
     room = d.get("prompt_room", None)
     room = PAPER_VARIANTS if room is None else room
     if isinstance(room, str) or not all(v in TARGET_VARIANTS for v in room):
@@ -74,8 +72,6 @@ def explanation_vocab(splits, axis: str, variants):
     """The training split's explanation vocabulary when ``random_vocab`` is among
     ``variants`` (its targets are drawn from it), else None. Built from the training split
     only, so test explanations never leak into training targets."""
-    from xft_jax.data.targets import ExplanationVocab
-
     return (ExplanationVocab.from_examples(splits.train, axis)
             if "random_vocab" in variants else None)
 

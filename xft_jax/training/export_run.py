@@ -8,6 +8,11 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax.numpy as jnp
+
+from xft_jax import lora as lora_lib
+from xft_jax.training.restore import load_trained
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
 FORMATS = ("peft", "merged")
@@ -22,11 +27,6 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
     merged: an HF checkpoint with the adapters folded into the base (merge in float32,
       saved in ``dtype`` or the run's model.dtype), tokenizer files of the base copied.
     """
-    import jax.numpy as jnp
-
-    from xft_jax import lora as lora_lib
-    from xft_jax.training.restore import load_trained
-
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
     model, meta, step = load_trained(workdir, step, dtype=dtype, dense=True)

@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
 from xft_jax import sharding
-from xft_jax.models import hf_io
 from xft_jax.training import optim
+from xft_jax.training.base_model import load_base
 from xft_jax.training.checkpoint import Checkpoints
 from xft_jax.training.step import abstract_like, opt_state_shardings
 
@@ -39,16 +39,8 @@ def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None
         lmeta = meta["lora"]
         base_path = lmeta["base_model_path"]
         mesh = mesh or sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1])
-        quant = str(config.model.get("quantization", None) or "none")
-        if quant != "none" and not dense:
-            from xft_jax import quantization
-            qcfg = quantization.QuantConfig.from_config(config.model)
-        else:
-            qcfg = None
-        model = hf_io.load_pretrained(
-            base_path, dtype=jnp.dtype(dtype or config.model.dtype), mesh=mesh,
-            compute_dtype=jnp.dtype(dtype or config.model.get("compute_dtype")
-                                    or config.model.dtype), quantization=qcfg)
+        model = load_base(config.model, base_path, mesh, dtype=dtype, dense=dense,
+                          inference=True)
         lora_lib.check_metadata(lmeta, model.config, f"{ckpts.directory}/{step}")
         lcfg = lora_lib.LoRAConfig(rank=lmeta["rank"], alpha=lmeta["alpha"],
                                    dropout=lmeta["dropout"], targets=tuple(lmeta["targets"]),

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
 from xft_jax import atomic, sharding
-from xft_jax.models import attention, hf_io
+from xft_jax.models import attention, partitioning
 from xft_jax.models.tokenizer import load_tokenizer
 from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim, run_identity
 from xft_jax.training.checkpoint import Checkpoints
@@ -73,10 +73,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.prev)
 
 
-def _dtype(name):
-    return jnp.dtype(str(name))
-
-
 def save_config(config, workdir: str) -> None:
     """The resolved config (after overrides), atomically, by process 0."""
     if jax.process_index() != 0:
@@ -97,23 +93,6 @@ def make_mesh(config, devices=None):
             raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
         devices = jax.devices()[:n]
     return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
-
-
-def _quantized(config) -> bool:
-    return bool(config.model.get("quantization", None))
-
-
-def load_base(config, base_path: str, mesh):
-    """The frozen base, placed on the mesh; quantised while read when
-    ``model.quantization`` is set (QLoRA, see ``xft_jax.quantization``)."""
-    mc = config.model
-    if _quantized(config):
-        from xft_jax import quantization
-        return quantization.load_base(config, base_path, mesh)
-    return hf_io.load_pretrained(
-        base_path, dtype=_dtype(mc.dtype), mesh=mesh,
-        compute_dtype=_dtype(mc.get("compute_dtype", None) or mc.dtype),
-        remat=str(mc.get("remat", "none")), attention_impl=mc.get("attention_impl", None))
 
 
 def step_config(config) -> StepConfig:
@@ -186,7 +165,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     run_data = data_lib.build(config, tokenizer)
     if latest is not None:
         run_identity.check_resume_data(resumed_meta.get("data"), run_data.info, where)
-    model = load_base(config, base_path, mesh)
+    model = base_model.load_base(config.model, base_path, mesh)
     lcfg = lora_lib.LoRAConfig.from_config(config.lora)
     lora_lib.attach(model, lcfg, lora_key, mesh)
     meta = {"lora": lora_lib.metadata(model.config, lcfg, base_path),
@@ -197,11 +176,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     model.lora = None          # the loop owns the adapters from here on
 
     rep = NamedSharding(mesh, P())
-    if _quantized(config):
-        from xft_jax import quantization
-        base_sh = quantization.param_shardings(mesh, base)
-    else:
-        base_sh = sharding.param_shardings(mesh, base)
+    base_sh = partitioning.param_shardings(mesh, base)
     lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
     tx, schedule = optim.make_optimizer(config.optim, steps)
     opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
