@@ -39,7 +39,7 @@ def _steps(sp):
 
 def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
                full_head: bool = False) -> dict:
-    """The trainer's own path: ``training.data.to_global`` then the jitted step.
+    """The trainer's own path: ``training.batches.to_global`` then the jitted step.
     ``full_head``: the same step with the LM head at every position (``target_pos`` =
     all T positions), i.e. the loss as it was before the target-positions change."""
     import jax
@@ -51,7 +51,7 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
     from xft_jax import sharding
     from xft_jax.models import partitioning
     from xft_jax.models import hf_io
-    from xft_jax.training import data as data_lib
+    from xft_jax.training import batches as data_lib
     from xft_jax.training import optim
     from xft_jax.training.step import (StepConfig, jit_step, make_step_fn,
                                        opt_state_shardings)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from xft_jax import eval_lib, probe_lib, probe_report
+from xft_jax.eval import evaluation as eval_lib, probe as probe_lib, probe_runs as probe_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

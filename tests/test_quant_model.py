@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xft_jax import probe_lib, scoring, sharding
+from xft_jax import sharding
+from xft_jax.eval import probe as probe_lib, scoring
 from xft_jax import quantization as Q
+from xft_jax.eval.batching import DEVICE_KEYS
 from xft_jax.models import forward, hf_io, partitioning
 from xft_jax.models.decoder import LINEAR_NAMES, linear_shape
 
@@ -158,7 +160,7 @@ def test_scoring_and_probe_run_on_a_quantised_base(setup):
     and stay close to the fp32 model's scores."""
     _, mesh, models, _ = setup
     batch = _batch()
-    dev = scoring.device_put_batch(batch, mesh)
+    dev = sharding.global_batch_from_host(mesh, batch, DEVICE_KEYS)
     scores = {}
     for name in ("fp32", "nf4_dq_head"):
         m = models[name]

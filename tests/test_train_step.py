@@ -155,7 +155,7 @@ def test_non_finite_step_changes_nothing(trained):
 def test_head_at_target_positions_equals_every_position(path):
     """target_pos (LM head only where loss_mask is 1) gives the same sums and gradients
     as applying the head at every position."""
-    from xft_jax.training.data import target_positions
+    from xft_jax.training.batches import target_positions
     from xft_jax.training.step import loss_and_sums
 
     s = Setup(path, jax.devices()[:1])
@@ -183,7 +183,7 @@ def test_head_at_target_positions_equals_every_position(path):
 def test_padding_width_does_not_change_the_step(path):
     """Training rows pad to a bucket width, not max_len: padding the same batch wider
     gives the same loss sums and gradients (padding is masked out of everything)."""
-    from xft_jax.training.data import target_positions
+    from xft_jax.training.batches import target_positions
     from xft_jax.training.step import loss_and_sums
 
     s = Setup(path, jax.devices()[:1])

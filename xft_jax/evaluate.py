@@ -18,7 +18,8 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xft_jax import distributed, eval_lib
+from xft_jax import distributed
+from xft_jax.eval import evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
                                           lock_config=True)
@@ -30,7 +31,7 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv):
     del argv
     distributed.initialize_from_flags(_DIST)
-    doc = eval_lib.run_evaluation(_CONFIG.value, _OUT.value)
+    doc = evaluation.run_evaluation(_CONFIG.value, _OUT.value)
     m = doc["metrics"]
     logging.info("n=%d accuracy=%.4f qwk=%s macro_f1=%.4f ece=%.4f %.1f examples/s",
                  m["n"], m["accuracy"], m["qwk"], m["macro_f1"], m["ece"],

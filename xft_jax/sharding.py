@@ -17,6 +17,7 @@ import threading
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -74,6 +75,20 @@ def create_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     except Exception:  # non-TPU topologies that mesh_utils cannot lay out
         dev_array = np.asarray(devices).reshape(shape)
     return Mesh(dev_array, MESH_AXES)
+
+
+def mesh_from_config(m, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of a run's ``mesh`` config section (data, fsdp, tensor, num_devices);
+    ``num_devices`` > 0 uses only the first N devices (one process only, e.g. to debug
+    on part of a node)."""
+    n = int(m.get("num_devices", -1))
+    if devices is None and n > 0:
+        if jax.process_count() > 1:
+            raise ValueError("mesh.num_devices is for single-process runs; leave it -1")
+        if n > jax.device_count():
+            raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
+        devices = jax.devices()[:n]
+    return create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: dict[str, Any] | None = None,
@@ -215,6 +230,20 @@ def make_global_batch(mesh: Mesh, local_batch: dict, axes: dict | None = None,
                 f"{jax.process_count()} process(es): the local batch must divide evenly "
                 f"over this host's batch shards ({e})") from e
     return out
+
+
+def global_batch_from_host(mesh: Mesh | None, batch: dict,
+                           keys: Sequence[str] | None = None) -> dict:
+    """Device arrays of ``keys`` of a batch that every process holds whole (the same
+    global rows on every host, as the pipelines build them): each process feeds its own
+    rows (``process_batch_slice``). Without a mesh, plain device arrays."""
+    keys = list(batch) if keys is None else keys
+    if mesh is None:
+        return {k: jnp.asarray(np.asarray(batch[k])) for k in keys}
+    b = int(np.asarray(batch[keys[0]]).shape[0])
+    rows = process_batch_slice(mesh, b)
+    local = {k: np.asarray(batch[k])[rows] for k in keys}
+    return make_global_batch(mesh, local, global_batch_size=b)
 
 
 # --------------------------------------------------------------- host views

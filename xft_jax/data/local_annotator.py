@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xft_jax import generation
 from xft_jax import lora as lora_lib
 from xft_jax.data.openai_client import AnnotatorError
-from xft_jax.models import hf_io
+from xft_jax.models import generation, hf_io
 from xft_jax.models.tokenizer import load_tokenizer
 
 LOCAL_FIELDS = {"type", "name", "path", "adapter", "tokenizer", "dtype", "max_new_tokens",

@@ -173,7 +173,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     (training only). buckets: pad each batch to the smallest of these widths that fits
     it (fewer wasted tokens, a few compiled shapes; with process_count > 1 each host
     buckets its own rows and hosts may disagree on T, so build the global batch on every
-    host instead, as ``training.data`` and ``eval_lib`` do). vocab: needed for
+    host instead, as ``training.batches`` and ``eval.evaluation`` do). vocab: needed for
     ``random_vocab``; build it from
     the training split. target_seed: seeds the pseudo-explanations (default ``seed``).
     prompt_room: target variants each prompt leaves room for (``encode.Encoder``), so

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 AXES = ("naturalness", "comprehensiveness", "on_topic")
 MIN_LABEL, MAX_LABEL = 1, 5
+NUM_LABELS = MAX_LABEL - MIN_LABEL + 1
 
 
 class SchemaError(ValueError):

@@ -10,7 +10,8 @@ import time
 
 from tqdm import tqdm
 
-from xft_jax import atomic, eval_lib, probe_report
+from xft_jax import atomic
+from xft_jax.eval import evaluation, probe_runs
 from xft_jax.data import synthetic
 from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
 from xft_jax.study import grid, pretrain, probe_summary, report_io
@@ -64,9 +65,9 @@ def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> No
     root = os.path.join(sweep_dir, cell.rel)
     tc, ec, pc = cell_configs(c, cell, base_dir, sweep_dir)
     trainer.train(tc, ec.model.workdir)
-    eval_lib.run_evaluation(ec, os.path.join(root, "eval"))
+    evaluation.run_evaluation(ec, os.path.join(root, "eval"))
     if pc is not None:
-        probe_report.run_probes(pc, os.path.join(root, "probe"), [ec.model.workdir])
+        probe_runs.run_probes(pc, os.path.join(root, "probe"), [ec.model.workdir])
 
 
 def majority_rates(sweep_dir: str, cells) -> dict[str, float]:

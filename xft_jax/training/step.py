@@ -56,7 +56,7 @@ def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
                   scfg: StepConfig, rng, n_tok_total):
     """(objective / n_tok_total, sums) for one micro-batch.
 
-    With ``target_pos`` [B,K] (see training.data.target_positions) the final norm and LM
+    With ``target_pos`` [B,K] (see training.batches.target_positions) the final norm and LM
     head run at the K target positions only; without it, at every position (chunked)."""
     targets, loss_mask, label_mask = batch["targets"], batch["loss_mask"], batch["label_mask"]
     positions = None

@@ -25,7 +25,7 @@ from xft_jax import lora as lora_lib
 from xft_jax import atomic, sharding
 from xft_jax.models import attention, partitioning
 from xft_jax.models.tokenizer import load_tokenizer
-from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim, run_identity
+from xft_jax.training import base_model, batches as batches_lib, loss as loss_lib, optim, run_identity
 from xft_jax.training.checkpoint import Checkpoints
 from xft_jax.training.metrics_log import RunLogger
 from xft_jax.training.step import (StepConfig, abstract_like, batch_shardings, jit_step,
@@ -79,20 +79,6 @@ def save_config(config, workdir: str) -> None:
         return
     atomic.write_text(os.path.join(workdir, CONFIG_FILE),
                       config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def make_mesh(config, devices=None):
-    """The run's mesh; ``mesh.num_devices`` > 0 uses only the first N devices (one
-    process only, e.g. to debug on part of a node)."""
-    m = config.mesh
-    n = int(m.get("num_devices", -1))
-    if devices is None and n > 0:
-        if jax.process_count() > 1:
-            raise ValueError("mesh.num_devices is for single-process runs; leave it -1")
-        if n > jax.device_count():
-            raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
-        devices = jax.devices()[:n]
-    return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
 
 
 def step_config(config) -> StepConfig:
@@ -149,7 +135,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     save_config(config, workdir)
     t = config.train
     steps = int(t.steps)
-    mesh = make_mesh(config, devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     scfg = step_config(config)
     _check_batch(config, scfg, mesh)
     mask_free_attention = config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
@@ -162,7 +148,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     # Data first: a data error (or data that differs from a resumed run's) surfaces
     # before minutes of loading a 7B base.
     tokenizer = load_tokenizer(base_model.tokenizer_path(config, base_path))
-    run_data = data_lib.build(config, tokenizer)
+    run_data = batches_lib.build(config, tokenizer)
     if latest is not None:
         run_identity.check_resume_data(resumed_meta.get("data"), run_data.info, where)
     model = base_model.load_base(config.model, base_path, mesh)
@@ -232,7 +218,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
             batch = next(it)
             if mask_free_attention:
                 attention.check_right_padded(batch["segment_ids"], f"training batch {step}")
-            gbatch = data_lib.to_global(mesh, batch)
+            gbatch = batches_lib.to_global(mesh, batch)
             new_lora, new_opt, m = step_fn(lora, opt_state, base, gbatch, rng,
                                            jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -244,7 +230,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
                     f"Lower optim.lr, check the data, or raise optim.clip_norm.")
             lora, opt_state = new_lora, new_opt
             step += 1
-            tokens += data_lib.real_tokens(batch)
+            tokens += batches_lib.real_tokens(batch)
             now = time.perf_counter()
             m["lr"] = float(schedule(step - 1))
             m["tokens_per_sec"] = tokens / max(now - t0, 1e-9)
@@ -302,8 +288,8 @@ def _make_eval(cfg, opts, scfg, mesh, lora_sh, base_sh):
 def evaluate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
     """Teacher-forced eval on the test split: loss, label loss and label accuracy."""
     total = None
-    for batch in data_lib.eval_batches(run_data, max_batches):
-        s = jax.device_get(eval_fn(lora, base, data_lib.to_global(mesh, batch)))
+    for batch in batches_lib.eval_batches(run_data, max_batches):
+        s = jax.device_get(eval_fn(lora, base, batches_lib.to_global(mesh, batch)))
         total = s if total is None else {k: total[k] + s[k] for k in s}
     if total is None:
         return {}

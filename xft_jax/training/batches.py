@@ -16,7 +16,7 @@ import numpy as np
 
 from xft_jax import sharding
 from xft_jax.data import pipeline
-from xft_jax.data.targets import PAPER_VARIANTS, TARGET_VARIANTS, ExplanationVocab
+from xft_jax.data.targets import explanation_vocab, prompt_room
 from xft_jax.training.step import TRAIN_KEYS
 
 
@@ -57,25 +57,6 @@ def build(config, tokenizer) -> RunData:
     return RunData(train, ev, list(train.label_token_ids), info)
 
 
-def prompt_room(d) -> tuple[str, ...]:
-    """``data.prompt_room`` as a tuple of target variants; a config without the key (one
-    written before it existed) gets the default, the paper's variants."""
-    room = d.get("prompt_room", None)
-    room = PAPER_VARIANTS if room is None else room
-    if isinstance(room, str) or not all(v in TARGET_VARIANTS for v in room):
-        raise ValueError(f"config.data.prompt_room={room!r}: expected a tuple of target "
-                         f"variants from {TARGET_VARIANTS}")
-    return tuple(room)
-
-
-def explanation_vocab(splits, axis: str, variants):
-    """The training split's explanation vocabulary when ``random_vocab`` is among
-    ``variants`` (its targets are drawn from it), else None. Built from the training split
-    only, so test explanations never leak into training targets."""
-    return (ExplanationVocab.from_examples(splits.train, axis)
-            if "random_vocab" in variants else None)
-
-
 def target_positions(loss_mask: np.ndarray, min_width: int = 16) -> np.ndarray:
     """[B, K] positions of each row's target tokens (label, explanation, eos), -1-padded.
 
@@ -95,17 +76,11 @@ def target_positions(loss_mask: np.ndarray, min_width: int = 16) -> np.ndarray:
     return out
 
 
-def local_rows(mesh, batch: dict) -> dict:
-    """This process's rows of a global batch (the training keys + target positions)."""
-    rows = sharding.process_batch_slice(mesh, batch["input_ids"].shape[0])
-    out = {k: np.asarray(batch[k])[rows] for k in TRAIN_KEYS}
-    out["target_pos"] = target_positions(batch["loss_mask"])[rows]
-    return out
-
-
 def to_global(mesh, batch: dict) -> dict:
-    b = batch["input_ids"].shape[0]
-    return sharding.make_global_batch(mesh, local_rows(mesh, batch), global_batch_size=b)
+    """The training keys and target positions of a global host batch, on the mesh."""
+    full = {k: batch[k] for k in TRAIN_KEYS}
+    full["target_pos"] = target_positions(batch["loss_mask"])
+    return sharding.global_batch_from_host(mesh, full)
 
 
 def eval_batches(run_data: RunData, max_batches: int | None = None) -> Iterator[dict]:
