@@ -44,11 +44,10 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
     all T positions), i.e. the loss as it was before the target-positions change."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from xft_jax import lora as lora_lib
-    from xft_jax import sharding
+    from xft_jax import config_defaults, sharding
     from xft_jax.models import partitioning
     from xft_jax.models import hf_io
     from xft_jax.training import batches as data_lib
@@ -70,8 +69,9 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
     model.lora = None
     base_sh = partitioning.param_shardings(mesh, base)
     lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
-    ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0,
-                                          weight_decay=0.0, clip_norm=1.0))
+    ocfg = config_defaults.base_config().optim
+    ocfg.update(dict(lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                     clip_norm=1.0))
     tx, _ = optim.make_optimizer(ocfg, warmup + steps)
     opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)

@@ -5,12 +5,11 @@ non-finite step changes nothing."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from xft_jax import lora as lora_lib
-from xft_jax import sharding
+from xft_jax import config_defaults, sharding
 from xft_jax.models import hf_io, partitioning
 from xft_jax.training import optim
 from xft_jax.training.loss import chunked_token_ce, finalize, masked_sums
@@ -36,8 +35,10 @@ def make_batch(seed=0):
 
 
 def optim_cfg(lr=1e-2):
-    return ml_collections.ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0,
-                                          weight_decay=0.01, clip_norm=1.0))
+    c = config_defaults.base_config().optim
+    c.update(dict(lr=lr, schedule="constant", warmup_steps=0, weight_decay=0.01,
+                  clip_norm=1.0))
+    return c
 
 
 class Setup:

@@ -70,15 +70,13 @@ class LoRAConfig:
 
     @classmethod
     def from_config(cls, c) -> "LoRAConfig":
-        """From an ml_collections ``config.lora`` (or any mapping with those keys)."""
-        get = c.get if hasattr(c, "get") else lambda k, d=None: getattr(c, k, d)
-        targets = get("targets", LINEAR_NAMES)
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        return cls(rank=int(get("rank", 8)), alpha=float(get("alpha", 16.0)),
-                   dropout=float(get("dropout", 0.0)), targets=tuple(targets),
-                   rslora=bool(get("rslora", False)),
-                   param_dtype=str(get("param_dtype", "float32")))
+        """From a config's ``lora`` section (``config_defaults`` declares its keys); a
+        plain mapping may leave keys out, which then take the fields' defaults.
+        ``targets`` may be a comma-separated string."""
+        kw = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c}
+        if isinstance(kw.get("targets"), str):
+            kw["targets"] = tuple(t.strip() for t in kw["targets"].split(",") if t.strip())
+        return cls(**kw)
 
 
 class LoRA(nnx.Module):

@@ -64,6 +64,11 @@ class QuantizationError(ValueError):
 
 
 # ------------------------------------------------------------------------ config
+# ``model`` config key -> QuantConfig field
+_CONFIG_KEYS = {"quantization": "kind", "quant_block": "block", "quant_double": "double_quant",
+                "quant_dq_block": "dq_block", "quant_lm_head": "quantize_lm_head"}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """What to quantise and how (``model.quantization`` and friends in a run config)."""
@@ -93,14 +98,12 @@ class QuantConfig:
 
     @classmethod
     def from_config(cls, model_config) -> "QuantConfig":
-        """From the ``model`` section of a run config (ConfigDict or dict); missing keys
-        take the defaults, so configs written before quantisation existed still load."""
-        get = model_config.get
-        kind = get("quantization", "none")
-        return cls(kind=str(kind or "none"), block=int(get("quant_block", 64)),
-                   double_quant=bool(get("quant_double", False)),
-                   dq_block=int(get("quant_dq_block", 256)),
-                   quantize_lm_head=bool(get("quant_lm_head", False)))
+        """From the ``model`` section of a config (``config_defaults`` declares its keys);
+        a plain mapping may leave keys out, which then take the fields' defaults."""
+        kw = {field: model_config[key] for key, field in _CONFIG_KEYS.items()
+              if key in model_config}
+        kw["kind"] = str(kw.pop("kind", None) or "none")
+        return cls(**kw)
 
     def applies(self, keys: Sequence[str]) -> bool:
         """Whether the parameter at ``keys`` (e.g. ('layers', 'q_proj')) is quantised."""

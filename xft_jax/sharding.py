@@ -81,7 +81,7 @@ def mesh_from_config(m, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh of a run's ``mesh`` config section (data, fsdp, tensor, num_devices);
     ``num_devices`` > 0 uses only the first N devices (one process only, e.g. to debug
     on part of a node)."""
-    n = int(m.get("num_devices", -1))
+    n = int(m.num_devices)
     if devices is None and n > 0:
         if jax.process_count() > 1:
             raise ValueError("mesh.num_devices is for single-process runs; leave it -1")

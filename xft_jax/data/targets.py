@@ -150,8 +150,8 @@ def _summary(lengths: list[int]) -> dict:
 
 
 def prompt_room(d) -> tuple[str, ...]:
-    """``data.prompt_room`` as a tuple of target variants; a config without the key (one
-    written before it existed) gets the default, the paper's variants."""
+    """``data.prompt_room`` as a tuple of target variants; None, or a data section stored
+    before the key existed, gives the paper's variants."""
     room = d.get("prompt_room", None)
     room = PAPER_VARIANTS if room is None else room
     if isinstance(room, str) or not all(v in TARGET_VARIANTS for v in room):

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from xft_jax import atomic
+from xft_jax import atomic, config_defaults
 from xft_jax import lora as lora_lib
 from xft_jax import sharding
 from xft_jax.data import pipeline
@@ -30,7 +30,7 @@ from xft_jax.quantization import QuantConfig
 from xft_jax.training.base_model import load_base, tokenizer_path
 from xft_jax.training.restore import load_trained
 
-# Used only when neither the eval config nor a training run says (configs/common.py).
+# Used only when neither the eval config nor a training run says (config_defaults).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
                  "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS}
 SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
@@ -56,7 +56,7 @@ def load_model(mc, mesh) -> Loaded:
             raise ValueError("config.model.adapter is for config.model.path, not a workdir")
         model, meta, step = load_trained(mc.workdir, mc.step, dtype=mc.dtype or None,
                                          mesh=mesh)
-        run = ml_collections.ConfigDict(meta["config"])
+        run = config_defaults.with_defaults(meta["config"])
         base = meta["lora"]["base_model_path"]
         tok = mc.tokenizer or tokenizer_path(run, base)
         info = {"kind": "workdir", "workdir": os.path.abspath(mc.workdir), "step": int(step),
@@ -77,14 +77,14 @@ def resolve_data(dc, run_config) -> ml_collections.ConfigDict:
     run = run_config.data if run_config is not None else None
     out = ml_collections.ConfigDict()
     for k in DATA_KEYS:
-        v = dc.get(k, None)
+        v = dc[k]
         if v in (None, ""):
-            v = run.get(k, None) if run is not None else None
+            v = run[k] if run is not None else None
         if v in (None, "") and k in DATA_DEFAULTS:
             v = DATA_DEFAULTS[k]
         out[k] = v
-    out.split = dc.get("split", "test")
-    out.max_examples = dc.get("max_examples", None)
+    out.split = dc.split
+    out.max_examples = dc.max_examples
     return out
 
 

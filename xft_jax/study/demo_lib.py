@@ -10,7 +10,7 @@ import time
 
 from tqdm import tqdm
 
-from xft_jax import atomic
+from xft_jax import atomic, config_defaults
 from xft_jax.eval import evaluation, probe_runs
 from xft_jax.data import synthetic
 from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
@@ -21,9 +21,7 @@ SOURCE = "synthetic"
 
 
 def eval_config(workdir: str, c):
-    from configs import eval as eval_configs
-
-    ec = eval_configs.get_config()
+    ec = config_defaults.eval_config()
     ec.model.workdir = workdir
     ec.eval.batch_size = int(c.eval.batch_size)
     ec.data.max_examples = c.eval.max_examples

@@ -29,8 +29,8 @@ def tiny_model_config(r) -> ModelConfig:
         intermediate_size=int(r.intermediate_size), num_layers=int(r.num_layers),
         num_heads=int(r.num_heads), num_kv_heads=int(r.num_kv_heads),
         head_dim=int(r.hidden_size) // int(r.num_heads), rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=int(r.get("max_position_embeddings", 2048)),
-        sliding_window=r.get("sliding_window", None), model_type=str(r.get("family", "mistral")),
+        rope_theta=10000.0, max_position_embeddings=int(r.max_position_embeddings),
+        sliding_window=r.sliding_window, model_type=str(r.family),
         bos_token_id=1, eos_token_id=2)
 
 
@@ -60,12 +60,12 @@ def build_random_checkpoint(path: str, r) -> str:
 
 def resolve_base_path(config, workdir: str) -> str:
     """The base checkpoint directory this run uses (building the tiny one if asked)."""
-    path = str(config.model.get("path", "") or "")
+    path = str(config.model.path or "")
     if path:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"config.model.path={path!r}: not a directory")
         return path
-    r = config.model.get("random", None)
+    r = config.model.random
     if r is None:
         raise ValueError("config.model.path is empty and config.model.random is not set: "
                          "give the HF checkpoint directory of the base model")
@@ -73,7 +73,7 @@ def resolve_base_path(config, workdir: str) -> str:
 
 
 def tokenizer_path(config, base_path: str) -> str:
-    return str(config.model.get("tokenizer", "") or "") or base_path
+    return str(config.model.tokenizer or "") or base_path
 
 
 def load_base(mc, path: str, mesh, *, dtype=None, dense: bool = False,
@@ -84,11 +84,11 @@ def load_base(mc, path: str, mesh, *, dtype=None, dense: bool = False,
     exact export). ``inference`` skips remat (nothing is differentiated) and uses the
     default attention."""
     param_dtype = jnp.dtype(dtype or mc.dtype or "float32")
-    compute_dtype = jnp.dtype(dtype or mc.get("compute_dtype", None) or param_dtype)
+    compute_dtype = jnp.dtype(dtype or mc.compute_dtype or param_dtype)
     qcfg = quantization.QuantConfig.from_config(mc)
     transform = quantization.layer_transform(qcfg) if qcfg.enabled and not dense else None
     return hf_io.load_pretrained(
         path, dtype=param_dtype, mesh=mesh, compute_dtype=compute_dtype,
-        remat="none" if inference else str(mc.get("remat", "none")),
-        attention_impl=None if inference else mc.get("attention_impl", None),
+        remat="none" if inference else str(mc.remat),
+        attention_impl=None if inference else mc.attention_impl,
         transform=transform)

@@ -31,15 +31,14 @@ class RunData:
 def build(config, tokenizer) -> RunData:
     d = config.data
     splits = pipeline.build_datasets(
-        d.source, d.get("path", None) or None, num_train=d.get("num_train", None),
-        num_test=d.get("num_test", None), seed=int(d.get("seed", 0)),
-        num_synthetic=d.get("num_synthetic", None))
+        d.source, d.path or None, num_train=d.num_train, num_test=d.num_test,
+        seed=int(d.seed), num_synthetic=d.num_synthetic)
     room = prompt_room(d)
     vocab = explanation_vocab(splits, d.axis, (d.target, *room))
     common = dict(axis=d.axis, variant=d.target, max_len=int(d.max_len),
                   batch_size=int(d.batch_size), process_index=0, process_count=1,
-                  vocab=vocab, target_seed=int(d.get("seed", 0)), prompt_room=room)
-    pack = bool(d.get("pack", False))
+                  vocab=vocab, target_seed=int(d.seed), prompt_room=room)
+    pack = bool(d.pack)
     # Unpacked rows pad to the batch's power-of-two width, not max_len: every process
     # builds the same global batch, so all agree on the width (a few compiled shapes).
     train = pipeline.make_batches(splits.train, tokenizer, seed=int(config.train.seed),
@@ -47,8 +46,8 @@ def build(config, tokenizer) -> RunData:
                                   buckets=None if pack else pipeline.length_buckets(
                                       int(d.max_len)), **common)
     ev = None
-    if int(config.train.get("eval_every", 0)) > 0 and splits.test:
-        ev = pipeline.make_batches(splits.test[:d.get("eval_examples", None)], tokenizer,
+    if int(config.train.eval_every) > 0 and splits.test:
+        ev = pipeline.make_batches(splits.test[:d.eval_examples], tokenizer,
                                    seed=0, train=False,
                                    buckets=pipeline.length_buckets(int(d.max_len)), **common)
     info = {"origin": splits.origin, "num_train": len(splits.train),

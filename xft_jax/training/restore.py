@@ -11,11 +11,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
-from xft_jax import sharding
+from xft_jax import config_defaults, sharding
 from xft_jax.training import optim
 from xft_jax.training.base_model import load_base
 from xft_jax.training.checkpoint import Checkpoints
@@ -35,7 +34,7 @@ def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None
         if step is None:
             raise FileNotFoundError(f"{ckpts.directory}: no checkpoint to load")
         meta = ckpts.read_meta(step)
-        config = ml_collections.ConfigDict(meta["config"])
+        config = config_defaults.with_defaults(meta["config"])
         lmeta = meta["lora"]
         base_path = lmeta["base_model_path"]
         mesh = mesh or sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -83,14 +83,12 @@ def save_config(config, workdir: str) -> None:
 
 def step_config(config) -> StepConfig:
     t = config.train
-    return StepConfig(grad_accum=int(t.get("grad_accum", 1)),
-                      label_loss_weight=float(t.get("label_loss_weight", 1.0)),
-                      ce_chunk=int(t.get("ce_chunk", 256)))
+    return StepConfig(grad_accum=int(t.grad_accum), label_loss_weight=float(t.label_loss_weight),
+                      ce_chunk=int(t.ce_chunk))
 
 
 def _check_batch(config, scfg: StepConfig, mesh):
-    if (config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
-            and bool(config.data.get("pack", False))):
+    if config.model.attention_impl in attention.MASK_FREE_IMPLS and bool(config.data.pack):
         raise ValueError(f"model.attention_impl={config.model.attention_impl!r} needs one "
                          f"example per row; data.pack=True packs several: set one of them "
                          f"differently (e.g. model.attention_impl=xla)")
@@ -116,7 +114,7 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
-                        int(config.train.get("keep_checkpoints", 3)))
+                        int(config.train.keep_checkpoints))
     try:
         return _train_in(config, workdir, devices, preempt, ckpts)
     finally:
@@ -138,7 +136,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     mesh = sharding.mesh_from_config(config.mesh, devices)
     scfg = step_config(config)
     _check_batch(config, scfg, mesh)
-    mask_free_attention = config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
+    mask_free_attention = config.model.attention_impl in attention.MASK_FREE_IMPLS
 
     # The run key exists before any parameter; everything random derives from it.
     run_key = jax.random.key(int(t.seed))
@@ -188,7 +186,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
 
     step_fn, eval_fn = _jitted(model.config, opts, scfg, mesh, lcfg, config.optim.to_json(),
                                steps, tx, lora_sh, opt_sh, base_sh)
-    every = {k: int(t.get(k, 0)) for k in ("log_every", "checkpoint_every", "eval_every")}
+    every = {k: int(t[k]) for k in ("log_every", "checkpoint_every", "eval_every")}
     logger = RunLogger(workdir, steps, start)
     if start:
         logger.write(f"resumed from {ckpts.directory}/{start}")
@@ -238,7 +236,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
             if every["eval_every"] and run_data.eval is not None and (
                     step % every["eval_every"] == 0 or step == steps):
                 m.update(evaluate(eval_fn, lora, base, run_data, mesh,
-                                  config.train.get("eval_batches", None)))
+                                  config.train.eval_batches))
             if every["log_every"] and (step % every["log_every"] == 0 or step == steps):
                 logger.log(step, {k: v for k, v in m.items() if k != "finite"})
                 tokens, t0 = 0, time.perf_counter()
