@@ -2,7 +2,7 @@
 
 Used by ``xft_jax.export`` (and any evaluator): reads ``<workdir>/checkpoints/<step>``,
 rebuilds the run's optimiser only to describe the checkpoint's tree, and attaches the
-restored LoRA params to a freshly loaded base.
+restored LoRA arrays to a freshly loaded base.
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
 from xft_jax import config_defaults, sharding
 from xft_jax.training import optim
 from xft_jax.training.base_model import load_base
-from xft_jax.training.checkpoint import Checkpoints
-from xft_jax.training.step import abstract_like, opt_state_shardings
+from xft_jax.training.checkpoint import Checkpoints, abstract_state
+from xft_jax.training.step import opt_state_shardings
 
 
 def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None,
@@ -45,19 +43,13 @@ def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None
                                    dropout=lmeta["dropout"], targets=tuple(lmeta["targets"]),
                                    rslora=lmeta["rslora"],
                                    param_dtype=lmeta.get("param_dtype", "float32"))
-        lora_lib.attach(model, lcfg, jax.random.key(0), mesh)
-        lora = model.lora_params()
-        rep = NamedSharding(mesh, P())
+        lora = lora_lib.abstract_lora(model.config, lcfg)
         lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
         tx, _ = optim.make_optimizer(config.optim, int(config.train.steps))
         opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
-        opt_abs = jax.eval_shape(tx.init, lora)
-        abstract = {"lora": abstract_like(lora, lora_sh),
-                    "opt_state": abstract_like(opt_abs, opt_sh),
-                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-                    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-        state, _, meta = ckpts.restore(step, abstract)
-        lora_lib.set_lora_tree(model, state["lora"])
+        state, _, meta = ckpts.restore(
+            step, abstract_state(lora, lora_sh, tx, opt_sh, mesh))
+        lora_lib.attach_arrays(model, lcfg, state["lora"]["layers"])
         return model, meta, step
     finally:
         ckpts.close()

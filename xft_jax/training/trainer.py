@@ -26,9 +26,9 @@ from xft_jax import atomic, sharding
 from xft_jax.models import attention, partitioning
 from xft_jax.models.tokenizer import load_tokenizer
 from xft_jax.training import base_model, batches as batches_lib, loss as loss_lib, optim, run_identity
-from xft_jax.training.checkpoint import Checkpoints
+from xft_jax.training.checkpoint import Checkpoints, abstract_state
 from xft_jax.training.metrics_log import RunLogger
-from xft_jax.training.step import (StepConfig, abstract_like, batch_shardings, jit_step,
+from xft_jax.training.step import (StepConfig, batch_shardings, jit_step,
                                    loss_and_sums, make_step_fn, opt_state_shardings)
 
 CONFIG_FILE = "config.json"
@@ -173,11 +173,8 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
 
     start = 0
     if latest is not None:
-        abstract = {"lora": abstract_like(lora, lora_sh),
-                    "opt_state": abstract_like(opt_state, opt_sh),
-                    "rng": abstract_like(rng, rep),
-                    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-        state, data_state, old_meta = ckpts.restore(latest, abstract)
+        state, data_state, old_meta = ckpts.restore(
+            latest, abstract_state(lora, lora_sh, tx, opt_sh, mesh))
         lora_lib.check_metadata(old_meta.get("lora", {}), model.config,
                                 f"{ckpts.directory}/{latest}")
         lora, opt_state, rng = state["lora"], state["opt_state"], state["rng"]
