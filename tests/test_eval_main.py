@@ -111,16 +111,16 @@ def test_eval_rows_are_prompt_and_label_whatever_the_variant(mistral_tokenizer):
 def test_eval_prompts_are_cut_as_in_training(mistral_tokenizer):
     """An eval row's prompt is the one the run trained on for that example: cut to leave
     room for every ``data.prompt_room`` target (the run's, by default the paper's)."""
-    from xft_jax.data import pipeline
+    from xft_jax.data.splits import build_datasets
     from xft_jax.data.encode import Encoder
     from xft_jax.data.targets import PAPER_VARIANTS
 
     d = eval_lib.resolve_data(_config().data, None)
     d.num_synthetic, d.max_len, d.max_examples = 40, 240, 12
     assert tuple(d.prompt_room) == PAPER_VARIANTS
-    examples = pipeline.build_datasets(d.source, None, num_train=d.num_train,
-                                       num_test=d.num_test, seed=int(d.seed),
-                                       num_synthetic=d.num_synthetic).test[:12]
+    examples = build_datasets(d.source, None, num_train=d.num_train,
+                              num_test=d.num_test, seed=int(d.seed),
+                              num_synthetic=d.num_synthetic).test[:12]
 
     def eval_prompts():
         batches, _ = eval_lib.eval_batches(d, mistral_tokenizer, 4)

@@ -40,12 +40,10 @@ import numpy as np
 
 from xft_jax.data.encode import SEQ_FIELDS, EncodeStats, Encoder, label_token_ids
 from xft_jax.data.schema import RatedExample
-from xft_jax.data.splits import build_datasets  # noqa: F401  (re-exported for trainers)
 from xft_jax.data.targets import ExplanationVocab
 from xft_jax.data.tfds_builder import record_to_example
 
-__all__ = ["Batches", "make_batches", "encoded_digest", "label_token_ids", "build_datasets",
-           "to_examples"]
+__all__ = ["Batches", "make_batches", "encoded_digest", "label_token_ids", "to_examples"]
 
 
 @dataclasses.dataclass
@@ -146,7 +144,8 @@ def _from_packed(batch: dict) -> dict:
     return out
 
 
-def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(this host's index, the number of hosts), from jax where not given."""
     if process_index is None or process_count is None:
         import jax
 
@@ -191,7 +190,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     if sort_by_length and train:
         raise ValueError("sort_by_length is for eval batches (train=False)")
     shuffle = train if shuffle is None else shuffle
-    pi, pc = _host(process_index, process_count)
+    pi, pc = _process_slot(process_index, process_count)
     examples = to_examples(data)
     if variant == "random_vocab" and vocab is None:
         raise ValueError("random_vocab needs vocab=ExplanationVocab.from_examples(train, axis)")

@@ -22,6 +22,7 @@ from xft_jax import atomic, config_defaults
 from xft_jax import lora as lora_lib
 from xft_jax import sharding
 from xft_jax.data import pipeline
+from xft_jax.data.splits import build_datasets
 from xft_jax.data.targets import PAPER_VARIANTS, explanation_vocab, prompt_room
 from xft_jax.eval import batching, metrics, outputs, scoring
 from xft_jax.models import generation
@@ -97,7 +98,7 @@ def eval_batches(d, tokenizer, batch_size: int):
     examples), so runs of different variants would be scored on different inputs. The
     prompt is cut as in training (``data.prompt_room``, the run's own by default), so an
     example is scored on the prompt the run would have trained on."""
-    splits = pipeline.build_datasets(d.source, d.path or None, num_train=d.num_train,
+    splits = build_datasets(d.source, d.path or None, num_train=d.num_train,
                                      num_test=d.num_test, seed=int(d.seed),
                                      num_synthetic=d.num_synthetic)
     if d.split not in ("train", "test"):

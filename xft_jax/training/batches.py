@@ -16,6 +16,7 @@ import numpy as np
 
 from xft_jax import sharding
 from xft_jax.data import pipeline
+from xft_jax.data.splits import build_datasets
 from xft_jax.data.targets import explanation_vocab, prompt_room
 from xft_jax.training.step import TRAIN_KEYS
 
@@ -30,7 +31,7 @@ class RunData:
 
 def build(config, tokenizer) -> RunData:
     d = config.data
-    splits = pipeline.build_datasets(
+    splits = build_datasets(
         d.source, d.path or None, num_train=d.num_train, num_test=d.num_test,
         seed=int(d.seed), num_synthetic=d.num_synthetic)
     room = prompt_room(d)
