@@ -16,6 +16,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from xft_jax import distributed, errors
+from xft_jax.training.trainer import NonFiniteError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -29,8 +30,6 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:   # orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
     distributed.initialize_from_flags(_DIST)
-    from xft_jax.training.trainer import NonFiniteError, train
-
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteError as e:
