@@ -198,6 +198,10 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     examples = to_examples(data)
     if variant == "random_vocab" and vocab is None:
         raise ValueError("random_vocab needs vocab=ExplanationVocab.from_examples(train, axis)")
+    if target_room is not None and int(target_room) >= max_len:
+        raise DataError(f"none of the {len(examples)} examples fits max_len={max_len}: every "
+                        f"prompt leaves {target_room} target tokens (the training split's "
+                        f"long targets) and the label needs a prompt: raise data.max_len")
     encoder = Encoder(tokenizer, axis=axis, variant=variant, max_len=max_len,
                       seed=seed if target_seed is None else target_seed, vocab=vocab,
                       prompt_room=prompt_room, target_room=target_room)
