@@ -13,7 +13,7 @@ child (``jnp.dot`` for ours, ``torch.matmul`` for the peer), the first-step loss
 
 GPU sizes also time our NF4 QLoRA step (the base quantised while loading) against our
 bf16 step, report MFU against the datasheet's dense bf16 peak, and size the batch from
-the card's memory (``common.train_cases``: the same batch on every side, capped at the
+the card's memory (``sizing.train_cases``: the same batch on every side, capped at the
 size's tokens per step; ``--max_tokens=0`` fills the card).
 """
 
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from bench import common  # noqa: E402
+from bench import common, sizing  # noqa: E402
 
 F = common.define_flags(["ours", "ours_full_head", "ours_nf4", "torch"])
 _DROPOUT = flags.DEFINE_float("lora_dropout", common.LORA["dropout"], "LoRA dropout (both).")
@@ -168,9 +168,9 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     sp = common.spec(size)
     ckpt = common.checkpoint(sp["model"], sp["dtype"])
     warmup, _ = _steps(sp)
-    device_bytes = common.device_memory_bytes()
-    cases, sizing = common.train_cases(sp, device_bytes, _MAX_TOKENS.value)
-    rows, details = [], {"checkpoint": ckpt, "cases": [], "batch_sizing": sizing}
+    device_bytes = sizing.device_memory_bytes()
+    cases, batch_sizing = sizing.train_cases(sp, device_bytes, _MAX_TOKENS.value)
+    rows, details = [], {"checkpoint": ckpt, "cases": [], "batch_sizing": batch_sizing}
     gpu = size.startswith("gpu")
     picked = range(len(cases)) if _CASES.value is None else [int(c) for c in _CASES.value]
     if any(not 0 <= i < len(cases) for i in picked):
