@@ -219,3 +219,15 @@ def test_training_targets_longer_than_the_room_lose_their_tail(mistral_tokenizer
     with pytest.raises(ValueError, match="target_room"):
         Encoder(mistral_tokenizer, axis=AXIS, variant="label_only", max_len=300,
                 target_room=2)
+
+
+def test_config_check_takes_the_run_length_from_epochs_when_steps_is_unset():
+    from configs import tiny
+    from xft_jax.training.config_checks import check_train_config
+
+    c = tiny.get_config()
+    c.train.steps, c.train.epochs = None, 1.0        # the paper's configs: epochs only
+    check_train_config(c)
+    c.train.epochs = 0.0
+    with pytest.raises(ValueError, match="config.train.epochs=0.0"):
+        check_train_config(c)
