@@ -1,4 +1,4 @@
-"""Rating-scoring throughput: ours (five LM-head rows at label_pos, xft_jax.scoring) vs a
+"""Rating-scoring throughput: ours (five LM-head rows at label_pos, xft_jax.eval.scoring) vs a
 transformers + PEFT forward that produces the label logits.
 
     python bench/eval_scoring.py --size=cpu      # smoke | cpu | gpu | gpu_smoke
@@ -40,7 +40,8 @@ def child_ours(sp: dict, ckpt: str) -> dict:
     import jax.numpy as jnp
 
     from xft_jax import lora as lora_lib
-    from xft_jax import scoring, sharding
+    from xft_jax import sharding
+    from xft_jax.eval import batching, scoring
     from xft_jax.models import hf_io
 
     e = sp["eval"]
@@ -57,7 +58,7 @@ def child_ours(sp: dict, ckpt: str) -> dict:
     times, out = [], None
     for _ in range(e["warmup"] + e["reps"]):
         t0 = time.perf_counter()
-        dev = scoring.device_put_batch(batch, mesh)
+        dev = sharding.global_batch_from_host(mesh, batch, batching.DEVICE_KEYS)
         out = np.asarray(jax.device_get(fn(params, lora, dev)))
         times.append(time.perf_counter() - t0)
     return {"times": times, "log_probs": out.tolist(), "peak_rss": common.peak_rss(),

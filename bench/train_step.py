@@ -13,7 +13,7 @@ child (``jnp.dot`` for ours, ``torch.matmul`` for the peer), the first-step loss
 
 GPU sizes also time our NF4 QLoRA step (the base quantised while loading) against our
 bf16 step, report MFU against the datasheet's dense bf16 peak, and size the batch from
-the card's memory (``common.train_cases``: the same batch on every side, capped at the
+the card's memory (``sizing.train_cases``: the same batch on every side, capped at the
 size's tokens per step; ``--max_tokens=0`` fills the card).
 """
 
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from bench import common  # noqa: E402
+from bench import common, sizing  # noqa: E402
 
 F = common.define_flags(["ours", "ours_full_head", "ours_nf4", "torch"])
 _DROPOUT = flags.DEFINE_float("lora_dropout", common.LORA["dropout"], "LoRA dropout (both).")
@@ -53,20 +53,20 @@ def _steps(sp):
 
 def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
                full_head: bool = False, nf4: bool = False) -> dict:
-    """The trainer's own path: ``training.data.to_global`` then the jitted step.
+    """The trainer's own path: ``training.batches.to_global`` then the jitted step.
     ``full_head``: the same step with the LM head at every position (``target_pos`` =
     all T positions), i.e. the loss as it was before the target-positions change.
     ``nf4``: QLoRA, the frozen linears quantised to NF4 while loading (the trainer's
     ``model.quantization=nf4``)."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from xft_jax import lora as lora_lib
-    from xft_jax import sharding
+    from xft_jax import config_defaults, quantization, sharding
+    from xft_jax.models import partitioning
     from xft_jax.models import hf_io
-    from xft_jax.training import data as data_lib
+    from xft_jax.training import batches as data_lib
     from xft_jax.training import optim
     from xft_jax.training.step import (StepConfig, jit_step, make_step_fn,
                                        opt_state_shardings)
@@ -77,24 +77,19 @@ def child_ours(sp: dict, batch_size: int, seq: int, ckpt: str,
     mesh = sharding.create_mesh(1, -1, 1)
     kw = dict(dtype=dtype, mesh=mesh, compute_dtype=dtype, remat=sp["remat"],
               attention_impl=F.attention_impl.value)
-    if nf4:
-        from xft_jax import quantization
-        model = quantization.load_pretrained(ckpt, "nf4", **kw)
-    else:
-        model = hf_io.load_pretrained(ckpt, **kw)
+    transform = quantization.layer_transform(quantization.QuantConfig(kind="nf4")) if nf4 else None
+    model = hf_io.load_pretrained(ckpt, transform=transform, **kw)
     lcfg = lora_lib.LoRAConfig(rank=common.LORA["rank"], alpha=common.LORA["alpha"],
                                dropout=_DROPOUT.value, targets=common.LINEAR)
     lora_lib.attach(model, lcfg, jax.random.key(0), mesh)
     opts = model.forward_options()
     base, lora = model.params(), model.lora_params()
     model.lora = None
-    if nf4:
-        base_sh = quantization.param_shardings(mesh, base)
-    else:
-        base_sh = sharding.param_shardings(mesh, base)
+    base_sh = partitioning.param_shardings(mesh, base)
     lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
-    ocfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0,
-                                          weight_decay=0.0, clip_norm=1.0))
+    ocfg = config_defaults.base_config().optim
+    ocfg.update(dict(lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                     clip_norm=1.0))
     tx, _ = optim.make_optimizer(ocfg, warmup + steps)
     opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(lora)
@@ -173,9 +168,9 @@ def run(size: str, out: str | None, write_md: bool, argv: list[str]) -> dict:
     sp = common.spec(size)
     ckpt = common.checkpoint(sp["model"], sp["dtype"])
     warmup, _ = _steps(sp)
-    device_bytes = common.device_memory_bytes()
-    cases, sizing = common.train_cases(sp, device_bytes, _MAX_TOKENS.value)
-    rows, details = [], {"checkpoint": ckpt, "cases": [], "batch_sizing": sizing}
+    device_bytes = sizing.device_memory_bytes()
+    cases, batch_sizing = sizing.train_cases(sp, device_bytes, _MAX_TOKENS.value)
+    rows, details = [], {"checkpoint": ckpt, "cases": [], "batch_sizing": batch_sizing}
     gpu = size.startswith("gpu")
     picked = range(len(cases)) if _CASES.value is None else [int(c) for c in _CASES.value]
     if any(not 0 <= i < len(cases) for i in picked):

@@ -7,21 +7,14 @@
 A synthetic corpus (six domains x three axes) is generated; a tiny Mistral-shaped base
 model on the real Mistral-7B-v0.1 tokenizer is pre-trained on its unlabelled dialogues
 (cached in ``<out>/base_model``); each target variant is LoRA-fine-tuned under the study
-protocol (configs/common.py: validation carved from the training split, plain causal-LM
+protocol (xft_jax/config_defaults.py: validation carved from the training split, plain causal-LM
 loss, a fixed number of epochs, the best-validation checkpoint), evaluated on the held-out
 test split and probed; a report is written to ``<out>/report``.
 """
 
-import os
-import sys
-
 import ml_collections
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from configs import common  # noqa: E402
+from xft_jax import config_defaults
 
 
 def get_config(arg=None):
@@ -48,7 +41,7 @@ def get_config(arg=None):
     p.num_texts = 3000
     c.pretrain = p
 
-    t = common.base_config()          # the LoRA fine-tuning config of every run
+    t = config_defaults.base_config()          # the LoRA fine-tuning config of every run
     t.model.dtype = "float32"
     t.model.compute_dtype = "float32"
     t.model.remat = "none"

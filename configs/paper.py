@@ -3,7 +3,7 @@
     python -m xft_jax.sweep --config=configs/paper.py --sweep_dir=runs/paper
     python -m xft_jax.sweep --config=configs/paper.py --sweep_dir=... --dry_run
 
-Every variant runs under the same protocol (configs/common.py): validation carved from
+Every variant runs under the same protocol (xft_jax/config_defaults.py): validation carved from
 the training split, plain causal-LM loss, a fixed number of epochs, the best-validation
 checkpoint scored on test, one label-independent prompt room.
 """

@@ -4,20 +4,13 @@ The base is a tiny random Mistral-shaped model (Mistral-7B-v0.1's tokenizer, 320
 built from ``model.random.seed`` and saved under ``<workdir>/base_model`` on first use.
 """
 
-import os
-import sys
-
 import ml_collections
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # config_flags loads this file by path, from any directory
-    sys.path.insert(0, _ROOT)
-
-from configs import common  # noqa: E402
+from xft_jax import config_defaults
 
 
 def get_config(arg=None):
-    c = common.base_config()
+    c = config_defaults.base_config()
     c.model.dtype = "float32"
     c.model.compute_dtype = "float32"
     c.model.remat = "none"
@@ -56,4 +49,4 @@ def get_config(arg=None):
     c.train.checkpoint_every = 5
     c.train.eval_every = 0
     c.mesh.fsdp = 1
-    return common.apply_arg(c, arg)
+    return config_defaults.apply_arg(c, arg)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xft_jax import generation
+from xft_jax.models import generation
 from xft_jax.data import annotation, local_annotator, synthetic
 from xft_jax.models import ModelConfig, hf_io
 from xft_jax.models.decoder import Decoder

@@ -7,8 +7,10 @@ import random
 import pytest
 
 from xft_jax.data import export, synthetic, tfds_builder
-from xft_jax.data.readers import DataError, atomic_write
-from xft_jax.data.splits import build_datasets, read_rated_jsonl, sample_split, split_of
+from xft_jax.atomic import atomic_open as atomic_write
+from xft_jax.data.readers import DataError
+from xft_jax.data.readers import read_rated_jsonl
+from xft_jax.data.splits import build_datasets, sample_split, split_of
 
 
 @pytest.fixture(scope="module")

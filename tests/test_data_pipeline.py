@@ -278,7 +278,7 @@ def test_training_batches_pad_to_bucket_widths(mistral_tokenizer):
     rows fill max_len."""
     from configs import tiny
     from xft_jax.data.pipeline import length_buckets
-    from xft_jax.training import data as data_lib
+    from xft_jax.training import batches as data_lib
 
     c = tiny.get_config("synthetic,naturalness,explanation")
     c.data.num_synthetic, c.data.max_len, c.train.eval_every = 60, 1024, 0
@@ -344,7 +344,7 @@ def test_prompt_room_from_config():
     import ml_collections
 
     from xft_jax.data.targets import PAPER_VARIANTS
-    from xft_jax.training.data import prompt_room
+    from xft_jax.data.targets import prompt_room
 
     d = ml_collections.ConfigDict({"axis": "naturalness"})
     assert prompt_room(d) == PAPER_VARIANTS          # written before the key existed

@@ -30,7 +30,7 @@ def _model(num_layers):
                       sliding_window=5, qkv_bias=True)
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     lora_lib.attach(model, lora_lib.LoRAConfig(rank=4, alpha=8.0), jax.random.key(1))
-    tree = lora_lib.lora_tree(model)
+    tree = model.lora_params()
     key = jax.random.key(2)
     lora_lib.set_lora_tree(model, {"layers": {
         t: {"a": ab["a"], "b": 0.1 * jax.random.normal(jax.random.fold_in(key, i),

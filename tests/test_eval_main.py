@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from xft_jax import eval_lib, probe_lib, probe_report
+from xft_jax.eval import evaluation as eval_lib, probe as probe_lib, probe_runs as probe_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +114,9 @@ def test_eval_prompts_are_cut_as_in_training(mistral_tokenizer):
     paper's, at ``data.prompt_room_percentile``)."""
     from xft_jax.data.encode import Encoder
     from xft_jax.data.targets import PAPER_VARIANTS
-    from xft_jax.training.data import build_splits, explanation_vocab, target_room
+    from xft_jax.data.encode import run_target_room as target_room
+    from xft_jax.data.splits import build_splits
+    from xft_jax.data.targets import explanation_vocab
 
     d = eval_lib.resolve_data(_config().data, None)
     d.num_synthetic, d.max_len, d.max_examples = 40, 240, 12

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xft_jax import metrics, scoring, sharding
+from xft_jax import sharding
+from xft_jax.eval import batching, metrics, scoring
 from xft_jax.models import forward, load_pretrained
 
 LABEL_IDS = [5, 17, 33, 64, 100]
@@ -24,9 +25,9 @@ def _batch(cfg, seed=0, b=3, t=12):
 def test_five_columns_equal_renormalised_full_softmax(hf_checkpoint, family, quant):
     kw = {}
     if quant:
-        from xft_jax.quantization import QuantConfig
+        from xft_jax.quantization import QuantConfig, layer_transform
 
-        kw["quantization"] = QuantConfig(kind=quant, quantize_lm_head=True)
+        kw["transform"] = layer_transform(QuantConfig(kind=quant, quantize_lm_head=True))
     model = load_pretrained(hf_checkpoint(family), **kw)
     if quant:
         assert hasattr(model.params()["lm_head"], "take_columns")
@@ -85,7 +86,7 @@ def test_batch_sizes_that_do_not_divide_give_the_same_metrics(real_eval):
     assert label_ids == [28740, 28750, 28770, 28781, 28782]
     ref, _ = _evaluate(model, label_ids, make(1), 1, None)
     assert len(ref["id"]) == 11 and len(set(ref["id"])) == 11
-    bs = scoring.batch_size_for(mesh, 3)
+    bs = batching.batch_size_for(mesh, 3)
     assert bs == 8
     got, fn = _evaluate(sharded, label_ids, make(bs), bs, mesh)   # 8 + 3 real rows
     order = np.argsort(got["id"])
@@ -103,7 +104,7 @@ def test_batch_sizes_that_do_not_divide_give_the_same_metrics(real_eval):
     res, _ = _evaluate(model, label_ids, _Named(short, make(3).example_ids), 4, None)
     assert sorted(res["id"]) == sorted(ref["id"])
     # never a [B,T,V] tensor: compiled temporaries are far below one [B,T,V] float32
-    batch = scoring.device_put_batch(next(iter(make(bs))), mesh)
+    batch = sharding.global_batch_from_host(mesh, next(iter(make(bs))), batching.DEVICE_KEYS)
     params = sharded.params()
     mem = fn.lower(params, None, batch).compile().memory_analysis()
     btv = bs * 288 * 32000 * 4
@@ -118,7 +119,7 @@ class _Named(list):
 
 
 def test_length_sorted_bucketed_batches_score_the_same(real_eval):
-    """eval_lib's layout: examples batched by length, each batch padded to a power-of-two
+    """evaluation's layout: examples batched by length, each batch padded to a power-of-two
     width; collect(order=...) gives the dataset's order back with the same scores."""
     from xft_jax.data.pipeline import length_buckets
 

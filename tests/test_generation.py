@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xft_jax import generation
+from xft_jax.models import generation
 from xft_jax.models import load_pretrained
 
 NEW = 8

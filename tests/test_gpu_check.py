@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from bench import common
+from bench import common, sizing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["setup", "train_T64", "eval", "load", "train_T32"]
@@ -146,27 +146,27 @@ H200_BYTES = 143771 * 2**20          # nvidia-smi's memory.total on an H200
 def test_train_cases_fill_the_card_within_the_estimate():
     sp = common.spec("gpu")
     m = sp["model"]
-    assert common.param_count(m) == 7_241_732_096          # Mistral-7B
+    assert sizing.param_count(m) == 7_241_732_096          # Mistral-7B
     # Capped (the default) and uncapped (fill the card).
-    cases, how = common.train_cases(sp, H200_BYTES)
+    cases, how = sizing.train_cases(sp, H200_BYTES)
     assert cases == [(32, 1024), (64, 512)]
     assert [h["rule"] for h in how] == ["cap 32768 tokens/step"] * 2
-    full, how = common.train_cases(sp, H200_BYTES, max_tokens=0)
+    full, how = sizing.train_cases(sp, H200_BYTES, max_tokens=0)
     assert [h["rule"] for h in how] == ["fill", "fill"]
     for (b, t), h in zip(full, how):
         assert b % 8 == 0 and b > 32 * 1024 // t
-        tok = common.train_token_bytes(m, t)
-        weights = 2 * common.param_count(m)
+        tok = sizing.train_token_bytes(m, t)
+        weights = 2 * sizing.param_count(m)
         peer = lambda n: weights + n * t * tok["peer"]       # noqa: E731
-        ours = lambda n: weights + common.OURS_FIXED_BYTES + n * t * tok["ours"]  # noqa: E731
+        ours = lambda n: weights + sizing.OURS_FIXED_BYTES + n * t * tok["ours"]  # noqa: E731
         assert peer(b) <= 0.85 * H200_BYTES and ours(b) <= 0.75 * H200_BYTES
         assert (peer(b + 8) > 0.85 * H200_BYTES) or (ours(b + 8) > 0.75 * H200_BYTES)
     # A smaller card: the fill is below the cap, and the fill decides.
-    small, how = common.train_cases(sp, 24 * 2**30)
+    small, how = sizing.train_cases(sp, 24 * 2**30)
     assert [h["rule"] for h in how] == ["fill", "fill"] and small[0][0] < 8
     with pytest.raises(ValueError, match="not one row fits"):
-        common.train_cases(sp, 16 * 2**30)
+        sizing.train_cases(sp, 16 * 2**30)
     with pytest.raises(ValueError, match="pass --max_tokens"):
-        common.train_cases(sp, None, max_tokens=0)
+        sizing.train_cases(sp, None, max_tokens=0)
     # Fixed batches (CPU sizes) are left alone.
-    assert common.train_cases(common.spec("cpu"), H200_BYTES)[0] == [(2, 512)]
+    assert sizing.train_cases(common.spec("cpu"), H200_BYTES)[0] == [(2, 512)]

@@ -32,7 +32,7 @@ def _ours(model):
 
 def _randomise_b(model, seed=1):
     """B starts at zero; give it values so the adapter actually changes the logits."""
-    tree = lora_lib.lora_tree(model)
+    tree = model.lora_params()
     key = jax.random.key(seed)
     new = {"layers": {}}
     for i, (t, ab) in enumerate(sorted(tree["layers"].items())):

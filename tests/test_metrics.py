@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from xft_jax import metrics
+from xft_jax.eval import metrics
 
 
 def _random_case(seed, n=200):

@@ -240,7 +240,7 @@ def test_two_process_evaluate_equals_one_process(tiny_run, tmp_path):
     import csv
 
     from configs import eval as eval_config
-    from xft_jax import eval_lib
+    from xft_jax.eval import evaluation as eval_lib
 
     run = tiny_run
     e = eval_config.get_config()
@@ -273,7 +273,7 @@ def test_two_process_probe_equals_one_process(tiny_run, tmp_path):
     """``python -m xft_jax.probe`` on 2 processes x 2 devices: the same per-layer means as
     one process, written once."""
     from configs import eval as eval_config
-    from xft_jax import probe_lib, probe_report
+    from xft_jax.eval import probe as probe_lib, probe_runs as probe_report
 
     e = eval_config.get_config()
     e.model.workdir = tiny_run

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from tests.hf_fixtures import load_hf_model
-from xft_jax import probe_lib, scoring
+from xft_jax.eval import probe as probe_lib, scoring
 from xft_jax.models import Decoder, ModelConfig, forward, load_pretrained
 
 LABEL_IDS = [5, 17, 33, 64, 100]

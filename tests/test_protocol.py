@@ -41,12 +41,13 @@ def test_validation_is_carved_from_train_by_hashed_id():
 
 def test_trainer_eval_reads_validation_never_test(mistral_tokenizer):
     from configs import tiny
-    from xft_jax.training import data as data_lib
+    from xft_jax.data.splits import build_splits
+    from xft_jax.training import batches as data_lib
 
     c = tiny.get_config("synthetic,naturalness,label_only")
     c.data.num_synthetic, c.train.eval_every = 120, 1
     run = data_lib.build(c, mistral_tokenizer)
-    s = data_lib.build_splits(c.data)
+    s = build_splits(c.data)
     evaluated = set(run.eval.example_ids)
     assert evaluated and evaluated <= {x.id for x in s.validation}
     assert not evaluated & {x.id for x in s.test}
@@ -57,7 +58,7 @@ def test_trainer_eval_reads_validation_never_test(mistral_tokenizer):
 def test_steps_follow_from_epochs():
     import ml_collections
 
-    from xft_jax.training.data import train_steps
+    from xft_jax.training.batches import train_steps
 
     t = ml_collections.ConfigDict({"epochs": 3.0, "steps": None})
     assert train_steps(t, 1000, 16) == 187           # 3 * 1000 // 16
@@ -94,7 +95,8 @@ def test_best_validation_checkpoint_is_kept_recorded_and_evaluated(tmp_path, mon
     survives keep_checkpoints=1, validation.json names it with the curve, and evaluate
     loads it by default (and the latest only when asked)."""
     from configs import eval as eval_configs, tiny
-    from xft_jax import eval_lib
+    from xft_jax import sharding
+    from xft_jax.eval import evaluation as eval_lib
     from xft_jax.training import trainer
     from xft_jax.training.checkpoint import Checkpoints
 
@@ -129,7 +131,7 @@ def test_best_validation_checkpoint_is_kept_recorded_and_evaluated(tmp_path, mon
     assert eval_lib.checkpoint_step(wd, 5) == (5, "config.model.step")
     ec = eval_configs.get_config()                   # what evaluate and the probe load
     ec.model.workdir = wd
-    loaded = eval_lib.load_model(ec.model, eval_lib.make_mesh(ec))
+    loaded = eval_lib.load_model(ec.model, sharding.mesh_from_config(ec.mesh))
     assert loaded.info["step"] == 2 and "best validation" in loaded.info["selected_by"]
     assert ec.data.split == "test"
 
@@ -217,3 +219,15 @@ def test_training_targets_longer_than_the_room_lose_their_tail(mistral_tokenizer
     with pytest.raises(ValueError, match="target_room"):
         Encoder(mistral_tokenizer, axis=AXIS, variant="label_only", max_len=300,
                 target_room=2)
+
+
+def test_config_check_takes_the_run_length_from_epochs_when_steps_is_unset():
+    from configs import tiny
+    from xft_jax.training.config_checks import check_train_config
+
+    c = tiny.get_config()
+    c.train.steps, c.train.epochs = None, 1.0        # the paper's configs: epochs only
+    check_train_config(c)
+    c.train.epochs = 0.0
+    with pytest.raises(ValueError, match="config.train.epochs=0.0"):
+        check_train_config(c)

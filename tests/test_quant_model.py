@@ -9,13 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xft_jax import probe_lib, scoring, sharding
+from xft_jax import sharding
+from xft_jax.eval import probe as probe_lib, scoring
 from xft_jax import quantization as Q
-from xft_jax.models import forward, hf_io
+from xft_jax.eval.batching import DEVICE_KEYS
+from xft_jax.models import forward, hf_io, partitioning
 from xft_jax.models.decoder import LINEAR_NAMES, linear_shape
 
 LABEL_IDS = [5, 17, 33, 64, 100]
 B, T = 4, 12
+
+
+def _quantized(kind):
+    return Q.layer_transform(Q.QuantConfig(kind))
 
 
 def _batch():
@@ -43,12 +49,12 @@ def setup(hf_checkpoint):
         models = {
             "fp32": hf_io.load_pretrained(path, mesh=mesh),
             "bf16": hf_io.load_pretrained(path, dtype=jnp.bfloat16, mesh=mesh),
-            "nf4": hf_io.load_pretrained(path, mesh=mesh, quantization="nf4"),
-            "int8": hf_io.load_pretrained(path, mesh=mesh, quantization="int8"),
+            "nf4": hf_io.load_pretrained(path, mesh=mesh, transform=_quantized("nf4")),
+            "int8": hf_io.load_pretrained(path, mesh=mesh, transform=_quantized("int8")),
             "nf4_bf16": hf_io.load_pretrained(path, dtype=jnp.bfloat16, mesh=mesh,
-                                              quantization="nf4"),
-            "nf4_dq_head": Q.load_pretrained(path, Q.QuantConfig(
-                "nf4", double_quant=True, quantize_lm_head=True), mesh=mesh),
+                                              transform=_quantized("nf4")),
+            "nf4_dq_head": hf_io.load_pretrained(path, mesh=mesh, transform=Q.layer_transform(
+                Q.QuantConfig("nf4", double_quant=True, quantize_lm_head=True))),
         }
     finally:
         Q.quantize_array = real
@@ -84,7 +90,7 @@ def test_loaded_layer_by_layer_and_sharded_like_the_weights(setup):
         assert sorted(q) == sorted(f"layers.{t}" for t in LINEAR_NAMES)
         assert not isinstance(params["embed"], Q.QuantizedWeight)
         assert not isinstance(params["lm_head"], Q.QuantizedWeight)
-        want = Q.param_shardings(mesh, params)
+        want = partitioning.param_shardings(mesh, params)
         for t in LINEAR_NAMES:
             qw = params["layers"][t]
             assert qw.shape == (cfg.num_layers, *linear_shape(cfg, t))
@@ -154,7 +160,7 @@ def test_scoring_and_probe_run_on_a_quantised_base(setup):
     and stay close to the fp32 model's scores."""
     _, mesh, models, _ = setup
     batch = _batch()
-    dev = scoring.device_put_batch(batch, mesh)
+    dev = sharding.global_batch_from_host(mesh, batch, DEVICE_KEYS)
     scores = {}
     for name in ("fp32", "nf4_dq_head"):
         m = models[name]

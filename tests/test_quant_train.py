@@ -110,12 +110,12 @@ def test_resume_is_exact(runs):
 def test_peft_adapter_loads_in_pytorch_on_the_unquantised_base(runs, tmp_path):
     import peft
     from tests.hf_fixtures import load_hf_model
-    from xft_jax import export
+    from xft_jax.training.export_run import export_run
     from xft_jax.training.restore import load_trained
 
     full, _, _, _ = runs
     out = str(tmp_path / "adapter")
-    export.export(full, "peft", out)
+    export_run(full, "peft", out)
     model, meta, _ = load_trained(full, dtype="float32", dense=True)  # fp32 dense base + adapters
     base_path = meta["lora"]["base_model_path"]
     assert np.abs(np.asarray(model.lora_params()["layers"]["q_proj"]["b"])).max() > 0

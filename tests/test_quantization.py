@@ -10,6 +10,7 @@ from scipy.stats import norm
 
 from xft_jax import quantization as Q
 from xft_jax import sharding
+from xft_jax.models import partitioning
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import LINEAR_NAMES, linear_shape
 
@@ -121,12 +122,12 @@ def test_sharded_quantisation_matches_and_follows_the_weight_axes():
     # (the scales' mean is reduced in another order across shards: rounding only)
     np.testing.assert_allclose(np.asarray(qs.dequantize()), np.asarray(q1.dequantize()),
                                rtol=1e-5, atol=1e-9)
-    sh = Q.param_shardings(mesh, {"layers": {"up_proj": Q.quantize(
+    sh = partitioning.param_shardings(mesh, {"layers": {"up_proj": Q.quantize(
         jnp.asarray(_normal((2, 512, 256))), "nf4", 64)}})
     assert sh["layers"]["up_proj"].codes.spec == jax.sharding.PartitionSpec(
         None, "fsdp", None, "tensor")
-    # sharding.param_shardings (used by the trainer) gives the same for quantised leaves.
-    sh2 = sharding.param_shardings(mesh, {"layers": {"up_proj": Q.quantize(
+    # the trainer's shardings are the same for quantised leaves.
+    sh2 = partitioning.param_shardings(mesh, {"layers": {"up_proj": Q.quantize(
         jnp.asarray(_normal((2, 512, 256))), "nf4", 64)}})
     assert sh2["layers"]["up_proj"] == sh["layers"]["up_proj"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from xft_jax import models
+from xft_jax import models, quantization
 
 SENTENCES = [
     "The capital of France is Paris, which is also its largest city.",
@@ -207,7 +207,7 @@ def test_real_text_loss_far_below_shuffled(ours, batch):
 # ------------------------------------------------------------------ generation
 def test_greedy_generation_equals_transformers_generate(ours, ref, tok):
     """20 greedy tokens with the KV cache, eos honoured by both (the answer is longer)."""
-    from xft_jax import generation
+    from xft_jax.models import generation
 
     chat = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
     prompt = tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
@@ -271,7 +271,8 @@ def test_nf4_of_real_weights_stays_close_to_bf16(gguf_path, batch):
 
     stats = {}
     for kind in ("int8", "nf4"):
-        model = models.load_pretrained(gguf_path, dtype=jnp.bfloat16, quantization=kind)
+        qt = quantization.layer_transform(quantization.QuantConfig(kind))
+        model = models.load_pretrained(gguf_path, dtype=jnp.bfloat16, transform=qt)
         assert hasattr(model.params()["layers"]["q_proj"], "dequantize")
         q = _ours(model, ids, mask)
         p_, q_ = _log_softmax(bf16)[valid], _log_softmax(q)[valid]
@@ -291,6 +292,7 @@ def test_lora_steps_on_real_model_and_peft_export(converted, batch, tmp_path):
 
     from xft_jax import lora as lora_lib
     from xft_jax import sharding
+    from xft_jax.models import partitioning
     from xft_jax.training import optim
     from xft_jax.training.step import StepConfig, jit_step, make_step_fn, opt_state_shardings
 
@@ -306,7 +308,7 @@ def test_lora_steps_on_real_model_and_peft_export(converted, batch, tmp_path):
     opt = jax.jit(tx.init, out_shardings=opt_sh)(lora)
     step = jit_step(make_step_fn(model.config, model.forward_options(), tx,
                                  StepConfig(ce_chunk=4096), mesh),
-                    mesh, lora_sh, opt_sh, sharding.param_shardings(mesh, base))
+                    mesh, lora_sh, opt_sh, partitioning.param_shardings(mesh, base))
     ids, mask = batch
     one = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
            "loss_mask": mask[:, 1:].astype(np.float32),
@@ -336,7 +338,7 @@ def test_lora_steps_on_real_model_and_peft_export(converted, batch, tmp_path):
 # ------------------------------------------------------------------ probe
 def test_probe_on_real_model_writes_plots(converted, tmp_path):
     from configs import eval as eval_config
-    from xft_jax import probe_lib, probe_report
+    from xft_jax.eval import probe as probe_lib, probe_runs
 
     c = eval_config.get_config("synthetic,naturalness")
     c.model.path = converted
@@ -345,7 +347,7 @@ def test_probe_on_real_model_writes_plots(converted, tmp_path):
     c.data.max_len = 512
     c.data.chat_template = True
     c.eval.batch_size = 2
-    doc = probe_report.run_probes(c, str(tmp_path))
+    doc = probe_runs.run_probes(c, str(tmp_path))
     summary = doc["runs"][0]["summary"]
     assert doc["runs"][0]["num_layers"] == 30
     lens = np.array(summary["lens_entropy"]["mean"])

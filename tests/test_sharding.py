@@ -12,9 +12,10 @@ from jax.sharding import PartitionSpec as P
 
 from xft_jax import lora as lora_lib
 from xft_jax import sharding
-from xft_jax.models import hf_io
+from xft_jax.models import hf_io, partitioning
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import Decoder, forward, leaf_axes
+from xft_jax.models.decoder import Decoder, forward
+from xft_jax.models.partitioning import leaf_axes
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
 TOL = 1e-5
@@ -183,23 +184,23 @@ def test_model_shardings_and_shard_model_with_lora(hf_checkpoint):
     lora_lib.attach(model, lora_lib.LoRAConfig(rank=4, targets=("q_proj", "down_proj")),
                     jax.random.key(1))
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    want = sharding.model_shardings(mesh, model)
+    want = partitioning.model_shardings(mesh, model)
     assert want["lora"]["layers"]["q_proj"]["a"].spec == P(None, "fsdp", None)   # A: in
     assert want["lora"]["layers"]["q_proj"]["b"].spec == P(None, None, "tensor")  # B: out
     assert want["lora"]["layers"]["down_proj"]["a"].spec == P(None, "tensor", None)
     assert want["lora"]["layers"]["down_proj"]["b"].spec == P(None, None, "fsdp")
     assert want["layers"]["gate_proj"].spec == P(None, "fsdp", "tensor")
-    sharding.shard_model(model, mesh)
+    partitioning.shard_model(model, mesh)
     after = nnx.to_pure_dict(nnx.state(model))
     jax.tree.map(lambda a, s: _same_sharding(a, s), after, want)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after), before)
     # the pure-dict helpers the trainer uses for jit in/out shardings agree
-    got = sharding.param_shardings(mesh, model.lora_params(), prefix=("lora",))
+    got = partitioning.param_shardings(mesh, model.lora_params(), prefix=("lora",))
     assert got["layers"]["q_proj"]["a"].spec == want["lora"]["layers"]["q_proj"]["a"].spec
     assert got == lora_lib.lora_shardings(cfg, model.lora.config, mesh)
-    assert sharding.param_shardings(mesh, model.params())["embed"].spec == P("tensor", "fsdp")
+    assert partitioning.param_shardings(mesh, model.params())["embed"].spec == P("tensor", "fsdp")
     with pytest.raises(KeyError, match="PARAM_AXES"):
-        sharding.param_shardings(mesh, {"mystery": jnp.zeros((4,))})
+        partitioning.param_shardings(mesh, {"mystery": jnp.zeros((4,))})
 
 
 def _same_sharding(arr, want):

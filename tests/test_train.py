@@ -24,7 +24,7 @@ import pytest
 from configs import tiny
 from xft_jax.training import metrics_log
 from xft_jax.training.checkpoint import Checkpoints
-from xft_jax.data import splits as data_splits
+from xft_jax.data import readers, splits as data_splits
 from xft_jax.training.restore import load_trained
 from xft_jax.training.run_identity import RunMismatchError
 from xft_jax.training.trainer import NonFiniteError, train
@@ -222,8 +222,8 @@ def test_resume_checks_the_training_data_by_content_not_path(one_device, tmp_pat
                                        num_synthetic=d.num_synthetic)
     first, moved = tmp_path / "data", tmp_path / "moved"
     first.mkdir()
-    data_splits.write_rated_jsonl(str(first / "train.jsonl"), parts.train)
-    data_splits.write_rated_jsonl(str(first / "test.jsonl"), parts.test)
+    readers.write_rated_jsonl(str(first / "train.jsonl"), parts.train)
+    readers.write_rated_jsonl(str(first / "test.jsonl"), parts.test)
     wd = str(tmp_path / "run")
     devices = jax.devices()[:1]
     train(tiny_config(**{"data.path": str(first)}), wd, devices=devices)

@@ -5,13 +5,12 @@ non-finite step changes nothing."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from xft_jax import lora as lora_lib
-from xft_jax import sharding
-from xft_jax.models import hf_io
+from xft_jax import config_defaults, sharding
+from xft_jax.models import hf_io, partitioning
 from xft_jax.training import optim
 from xft_jax.training.loss import chunked_token_ce, finalize, masked_sums
 from xft_jax.training.step import (StepConfig, jit_step, make_step_fn,
@@ -36,8 +35,10 @@ def make_batch(seed=0):
 
 
 def optim_cfg(lr=1e-2):
-    return ml_collections.ConfigDict(dict(lr=lr, schedule="constant", warmup_steps=0,
-                                          weight_decay=0.01, clip_norm=1.0))
+    c = config_defaults.base_config().optim
+    c.update(dict(lr=lr, schedule="constant", warmup_steps=0, weight_decay=0.01,
+                  clip_norm=1.0))
+    return c
 
 
 class Setup:
@@ -52,7 +53,7 @@ class Setup:
         self.base = model.params()
         self.lora = model.lora_params()
         self.lora_sh = lora_lib.lora_shardings(self.cfg, self.lcfg, self.mesh)
-        self.base_sh = sharding.param_shardings(self.mesh, self.base)
+        self.base_sh = partitioning.param_shardings(self.mesh, self.base)
         self.tx, _ = optim.make_optimizer(optim_cfg(lr), 10)
         self.opt_sh = opt_state_shardings(self.tx, self.lora, self.lora_sh, self.mesh)
         self.opt = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.lora)
@@ -155,7 +156,7 @@ def test_non_finite_step_changes_nothing(trained):
 def test_head_at_target_positions_equals_every_position(path):
     """target_pos (LM head only where loss_mask is 1) gives the same sums and gradients
     as applying the head at every position."""
-    from xft_jax.training.data import target_positions
+    from xft_jax.training.batches import target_positions
     from xft_jax.training.step import loss_and_sums
 
     s = Setup(path, jax.devices()[:1])
@@ -183,7 +184,7 @@ def test_head_at_target_positions_equals_every_position(path):
 def test_padding_width_does_not_change_the_step(path):
     """Training rows pad to a bucket width, not max_len: padding the same batch wider
     gives the same loss sums and gradients (padding is masked out of everything)."""
-    from xft_jax.training.data import target_positions
+    from xft_jax.training.batches import target_positions
     from xft_jax.training.step import loss_and_sums
 
     s = Setup(path, jax.devices()[:1])

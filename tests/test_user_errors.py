@@ -132,7 +132,7 @@ def test_rated_splits_empty_missing_duplicated_or_overlapping(tmp_path):
 
 def test_max_len_too_short_for_any_prompt_names_data_max_len():
     from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
-    from xft_jax.training import data as data_lib
+    from xft_jax.training import batches as data_lib
 
     c = tiny.get_config()
     c.data.num_synthetic = 40

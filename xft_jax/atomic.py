@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -44,8 +48,26 @@ def write_text(dest: str, text: str) -> None:
         f.write(text)
 
 
-def write_json(dest: str, obj: Any, **dump_kwargs) -> None:
-    write_text(dest, json.dumps(obj, indent=2, **dump_kwargs) + "\n")
+def json_safe(x: Any) -> Any:
+    """Plain JSON values: numpy -> python, tuples -> lists, NaN / inf -> None (JSON has
+    no such numbers; a reader sees them as missing rather than as a string)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(dest: str, obj: Any, sort_keys: bool = False) -> None:
+    """``obj`` (made ``json_safe``) as indented UTF-8 JSON, atomically."""
+    write_text(dest, json.dumps(json_safe(obj), indent=2, ensure_ascii=False,
+                                sort_keys=sort_keys) + "\n")
 
 
 def replace_dir(staging: str, final: str) -> None:
@@ -59,6 +81,4 @@ def replace_dir(staging: str, final: str) -> None:
         os.replace(final, os.path.join(old, "d"))
     os.replace(staging, final)
     if old:
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)

@@ -8,15 +8,15 @@ runs the layerwise probe and prints the report (also written to <out>/report).
 from __future__ import annotations
 
 import os
-import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "demo.py")
+from absl import logging
+from ml_collections import config_flags
 
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from xft_jax import console, errors
+from xft_jax.study import demo_lib
 
-from xft_jax import console, errors  # noqa: E402
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "demo.py")
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Demo config.")
 
@@ -26,10 +26,6 @@ console.define_flags()
 def main(argv):
     del argv
     console.start(_CONFIG)
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
-    from xft_jax.study import demo_lib
-
     result = demo_lib.run_demo(_CONFIG.value, log=logging.info)
     print(result["report"])
     print(f"report written to {result['report_dir']} in {result['seconds']:.0f} s")

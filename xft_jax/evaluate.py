@@ -19,6 +19,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from xft_jax import console, distributed, errors
+from xft_jax.eval import evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
                                           lock_config=True)
@@ -33,9 +34,7 @@ def main(argv):
     del argv
     console.start(_CONFIG)
     distributed.initialize_from_flags(_DIST)
-    from xft_jax import eval_lib
-
-    doc = eval_lib.run_evaluation(_CONFIG.value, _OUT.value)
+    doc = evaluation.run_evaluation(_CONFIG.value, _OUT.value)
     m = doc["metrics"]
     logging.info("n=%d accuracy=%.4f qwk=%s macro_f1=%.4f ece=%.4f %.1f examples/s",
                  m["n"], m["accuracy"], m["qwk"], m["macro_f1"], m["ece"],

@@ -14,9 +14,7 @@ from __future__ import annotations
 from absl import flags
 
 from xft_jax import console, errors
-# The library function (import it from xft_jax.training.export_run: importing this main
-# defines its absl flags). Kept here under its old name for existing callers.
-from xft_jax.training.export_run import export_run as export  # noqa: F401
+from xft_jax.training.export_run import export_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.")
 _FORMAT = flags.DEFINE_enum("format", "peft", ["peft", "merged"], "Export format.")
@@ -34,8 +32,8 @@ console.define_flags(with_config=False)
 def main(argv):
     del argv
     console.start()
-    print(export(_WORKDIR.value, _FORMAT.value, _OUT.value, _STEP.value, _DTYPE.value,
-                 _OVERWRITE.value))
+    print(export_run(_WORKDIR.value, _FORMAT.value, _OUT.value, _STEP.value, _DTYPE.value,
+                     _OVERWRITE.value))
 
 
 if __name__ == "__main__":

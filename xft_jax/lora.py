@@ -2,7 +2,7 @@
 
 The adapters live in an NNX module attached as ``model.lora``; the decoder reads the
 ``nnx.LoRAParam`` leaves at ``lora.layers.<target>.a`` [L, in, r] and ``.b`` [L, r, out]
-plus the attributes ``scale`` and ``dropout``. Layouts follow the base weights ([in, out]),
+(``model.lora_params()``) plus ``scale`` and ``dropout``, derived from the ``LoRAConfig``. Layouts follow the base weights ([in, out]),
 so A shards like its base weight's input dim and B like its output dim (``leaf_axes``).
 
 PEFT stores ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r] per layer under
@@ -27,8 +27,9 @@ from flax import nnx
 from xft_jax import atomic, sharding
 from xft_jax.errors import MissingPathError, UserError
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import (LINEAR_NAMES, Decoder, leaf_axes, linear_shape,
-                                   params_tree)
+from xft_jax.models import hf_io
+from xft_jax.models.decoder import LINEAR_NAMES, Decoder, linear_shape
+from xft_jax.models.partitioning import leaf_axes
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -70,40 +71,54 @@ class LoRAConfig:
 
     @classmethod
     def from_config(cls, c) -> "LoRAConfig":
-        """From an ml_collections ``config.lora`` (or any mapping with those keys)."""
-        get = c.get if hasattr(c, "get") else lambda k, d=None: getattr(c, k, d)
-        targets = get("targets", LINEAR_NAMES)
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        return cls(rank=int(get("rank", 8)), alpha=float(get("alpha", 16.0)),
-                   dropout=float(get("dropout", 0.0)), targets=tuple(targets),
-                   rslora=bool(get("rslora", False)),
-                   param_dtype=str(get("param_dtype", "float32")))
+        """From a config's ``lora`` section (``config_defaults`` declares its keys); a
+        plain mapping may leave keys out, which then take the fields' defaults.
+        ``targets`` may be a comma-separated string."""
+        kw = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c}
+        if isinstance(kw.get("targets"), str):
+            kw["targets"] = tuple(t.strip() for t in kw["targets"].split(",") if t.strip())
+        return cls(**kw)
 
 
 class LoRA(nnx.Module):
     """LoRA A/B for every target module of every layer (stacked on the layer axis)."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: LoRAConfig, key: jax.Array,
-                 mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, cfg: LoRAConfig, layers: dict):
         self.config = cfg
-        self.scale = float(cfg.scale)
-        self.dropout = float(cfg.dropout)
-        arrays = init_lora_arrays(model_cfg, cfg, key, mesh)
         self.layers = nnx.Dict({t: nnx.Dict(a=nnx.LoRAParam(v["a"]), b=nnx.LoRAParam(v["b"]))
-                                for t, v in arrays.items()})
+                                for t, v in layers.items()})
+
+    @property
+    def scale(self) -> float:
+        return float(self.config.scale)
+
+    @property
+    def dropout(self) -> float:
+        return float(self.config.dropout)
+
+
+def lora_shapes(model_cfg: ModelConfig, cfg: LoRAConfig) -> dict:
+    """{target: {'a': [L, in, r], 'b': [L, r, out]}} shapes of the adapters."""
+    out = {}
+    for t in cfg.targets:
+        d_in, d_out = linear_shape(model_cfg, t)
+        out[t] = {"a": (model_cfg.num_layers, d_in, cfg.rank),
+                  "b": (model_cfg.num_layers, cfg.rank, d_out)}
+    return out
 
 
 def lora_shardings(model_cfg: ModelConfig, cfg: LoRAConfig, mesh) -> dict:
     """NamedShardings of the LoRA pytree ``{'layers': {target: {'a','b'}}}``."""
-    out = {}
-    for t in cfg.targets:
-        d_in, d_out = linear_shape(model_cfg, t)
-        shapes = {"a": (model_cfg.num_layers, d_in, cfg.rank),
-                  "b": (model_cfg.num_layers, cfg.rank, d_out)}
-        out[t] = {k: sharding.named_sharding(mesh, leaf_axes(("lora", "layers", t, k)), s)
-                  for k, s in shapes.items()}
-    return {"layers": out}
+    return {"layers": {t: {k: sharding.named_sharding(mesh, leaf_axes(("lora", "layers", t, k)),
+                                                      s) for k, s in ab.items()}
+                       for t, ab in lora_shapes(model_cfg, cfg).items()}}
+
+
+def abstract_lora(model_cfg: ModelConfig, cfg: LoRAConfig) -> dict:
+    """The LoRA pytree as ShapeDtypeStructs (a checkpoint's restore target)."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    return {"layers": {t: {k: jax.ShapeDtypeStruct(s, dtype) for k, s in ab.items()}
+                       for t, ab in lora_shapes(model_cfg, cfg).items()}}
 
 
 def init_lora_arrays(model_cfg: ModelConfig, cfg: LoRAConfig, key: jax.Array,
@@ -135,12 +150,25 @@ def init_lora_arrays(model_cfg: ModelConfig, cfg: LoRAConfig, key: jax.Array,
 
 def attach(model: Decoder, cfg: LoRAConfig, key: jax.Array, mesh=None) -> LoRA:
     """Creates adapters for ``model`` from ``key`` and sets ``model.lora``."""
-    model.lora = nnx.data(LoRA(model.config, cfg, key, mesh))
+    return attach_arrays(model, cfg, init_lora_arrays(model.config, cfg, key, mesh))
+
+
+def attach_arrays(model: Decoder, cfg: LoRAConfig, layers: dict) -> LoRA:
+    """Attaches adapters holding the given arrays ``{target: {'a', 'b'}}`` (placed as
+    given) and sets ``model.lora``."""
+    want = lora_shapes(model.config, cfg)
+    if set(layers) != set(want):
+        raise LoRAError(f"adapters for {sorted(layers)}, but lora.targets are {sorted(want)}")
+    for t, ab in want.items():
+        for k, shape in ab.items():
+            if tuple(layers[t][k].shape) != shape:
+                raise LoRAError(f"lora.layers.{t}.{k}: shape {tuple(layers[t][k].shape)}, "
+                                f"expected {shape}")
+    model.lora = nnx.data(LoRA(cfg, layers))
     return model.lora
 
 
-def lora_tree(model: Decoder) -> dict:
-    """The adapters as ``{'layers': {target: {'a', 'b'}}}`` (what ``forward`` takes)."""
+def _attached(model: Decoder) -> dict:
     tree = model.lora_params()
     if tree is None:
         raise LoRAError("the model has no LoRA attached (model.lora is None)")
@@ -177,7 +205,7 @@ def merge(model: Decoder) -> LoRA:
     lora = model.lora
     if lora is None:
         raise LoRAError("merge: the model has no LoRA attached")
-    tree = lora_tree(model)
+    tree = _attached(model)
     for t in tree["layers"]:
         var = getattr(model.layers, t)
         w = var.get_value()
@@ -192,17 +220,13 @@ def merge(model: Decoder) -> LoRA:
 def unmerge(model: Decoder, lora: LoRA) -> None:
     """Subtracts the adapters again and re-attaches them. Exact in float32 up to
     rounding; with a bf16 base the round trip is not bit-exact (keep a copy if needed)."""
-    tree = params_of(lora)
+    model.lora = nnx.data(lora)
+    tree = model.lora_params()
     for t in tree["layers"]:
         var = getattr(model.layers, t)
         w = var.get_value()
         ab = tree["layers"][t]
         var.set_value(_apply_delta(w, ab["a"], ab["b"], scale=lora.scale, sign=-1.0))
-    model.lora = nnx.data(lora)
-
-
-def params_of(lora: LoRA) -> dict:
-    return params_tree(nnx.state(lora, nnx.LoRAParam))
 
 
 # ------------------------------------------------------------------------ metadata
@@ -233,8 +257,8 @@ def peft_state_dict(tree: dict) -> dict[str, np.ndarray]:
     """Our stacked tree -> PEFT's per-layer tensors (float32, torch layout)."""
     out = {}
     for t, ab in tree["layers"].items():
-        a = np.asarray(_host(ab["a"]), np.float32)   # [L, in, r]
-        b = np.asarray(_host(ab["b"]), np.float32)   # [L, r, out]
+        a = np.asarray(sharding.to_host(ab["a"]), np.float32)   # [L, in, r]
+        b = np.asarray(sharding.to_host(ab["b"]), np.float32)   # [L, r, out]
         for i in range(a.shape[0]):
             out[peft_key(i, t, "A")] = np.ascontiguousarray(a[i].T)   # [r, in]
             out[peft_key(i, t, "B")] = np.ascontiguousarray(b[i].T)   # [out, r]
@@ -260,7 +284,7 @@ def save_peft_adapter(model: Decoder, out_dir: str, base_model_path: str = "",
     from safetensors.numpy import save_file
 
     cfg = cfg or model.lora.config
-    tensors = peft_state_dict(lora_tree(model))
+    tensors = peft_state_dict(_attached(model))
     if jax.process_index() != 0:
         return
     os.makedirs(out_dir, exist_ok=True)
@@ -274,8 +298,6 @@ def save_peft_adapter(model: Decoder, out_dir: str, base_model_path: str = "",
 
 def save_merged(model: Decoder, out_dir: str, dtype=None) -> None:
     """Merges the adapters into the base (in place) and saves an HF checkpoint."""
-    from xft_jax.models import hf_io
-
     if model.lora is not None:
         merge(model)
     hf_io.save_pretrained(model, out_dir, dtype=dtype)
@@ -350,27 +372,17 @@ def load_peft_adapter(model: Decoder, adapter_dir: str, mesh=None) -> LoRA:
             missing = [i for i, x in enumerate(layers) if x is None]
             if missing:
                 raise LoRAError(f"{wpath}: no lora_{k.upper()} for {t} in layers {missing}")
-    lora = attach(model, cfg, jax.random.key(0), mesh)   # shapes/shardings; values replaced
-    tree = {"layers": {t: {k: np.stack(v) for k, v in ab.items()}
-                       for t, ab in stacked.items()}}
+    layers = {t: {k: np.stack(v).astype(cfg.param_dtype) for k, v in ab.items()}
+              for t, ab in stacked.items()}
     if mesh is not None:
-        shard = lora_shardings(mc, cfg, mesh)
-        tree = jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shard)
+        shard = lora_shardings(mc, cfg, mesh)["layers"]
+        layers = jax.tree.map(lambda x, s: jax.device_put(x, s), layers, shard)
     else:
-        tree = jax.tree.map(jnp.asarray, tree)
-    set_lora_tree(model, tree)
-    return lora
+        layers = jax.tree.map(jnp.asarray, layers)
+    return attach_arrays(model, cfg, layers)
 
 
-# ------------------------------------------------------------------------ helpers
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
-__all__ = ["LoRAConfig", "LoRA", "LoRAError", "attach", "lora_tree", "set_lora_tree",
-           "lora_shardings", "init_lora_arrays", "merge", "unmerge", "metadata",
+__all__ = ["LoRAConfig", "LoRA", "LoRAError", "attach", "attach_arrays", "set_lora_tree",
+           "lora_shapes", "lora_shardings", "abstract_lora", "init_lora_arrays", "merge", "unmerge", "metadata",
            "check_metadata", "save_peft_adapter", "load_peft_adapter", "read_peft_config",
            "save_merged", "peft_state_dict", "peft_key"]

@@ -15,6 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from xft_jax import console, distributed, errors
+from xft_jax.eval import probe_runs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
                                           lock_config=True)
@@ -33,9 +34,7 @@ def main(argv):
     del argv
     console.start(_CONFIG)
     distributed.initialize_from_flags(_DIST)
-    from xft_jax import probe_report
-
-    doc = probe_report.run_probes(_CONFIG.value, _OUT.value, _WORKDIRS.value, _VARIANTS.value)
+    doc = probe_runs.run_probes(_CONFIG.value, _OUT.value, _WORKDIRS.value, _VARIANTS.value)
     for r in doc["runs"]:
         logging.info("%s seed %d: n=%d accuracy=%.3f", r["variant"], r["seed"], r["n"],
                      r["accuracy"])

@@ -20,7 +20,8 @@ through jit, scan (which slices the leading layer axis of every child) and shard
 ``decoder.as_dense`` calls ``dequantize`` right before each matmul inside the jitted
 step, one layer at a time under the scan, so only one layer is ever dense.
 
-Quantisation happens while loading (``hf_io.load_pretrained(..., quantization=...)``): each
+Quantisation happens while loading (``hf_io.load_pretrained(..., transform=
+layer_transform(qcfg))``): each
 layer of each linear weight is read, quantised on its devices and written into the stacked
 quantised buffers, so the unquantised model is never held whole.
 """
@@ -35,12 +36,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 
 from xft_jax import sharding
 from xft_jax.errors import UserError
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import LINEAR_NAMES, Decoder, leaf_axes
+from xft_jax.models.decoder import LINEAR_NAMES, Decoder, linear_shape
+from xft_jax.models.partitioning import leaf_axes, path_keys
 
 KINDS = ("none", "nf4", "int8")
 
@@ -62,6 +65,11 @@ class QuantizationError(UserError, ValueError):
 
 
 # ------------------------------------------------------------------------ config
+# ``model`` config key -> QuantConfig field
+_CONFIG_KEYS = {"quantization": "kind", "quant_block": "block", "quant_double": "double_quant",
+                "quant_dq_block": "dq_block", "quant_lm_head": "quantize_lm_head"}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """What to quantise and how (``model.quantization`` and friends in a run config)."""
@@ -91,14 +99,12 @@ class QuantConfig:
 
     @classmethod
     def from_config(cls, model_config) -> "QuantConfig":
-        """From the ``model`` section of a run config (ConfigDict or dict); missing keys
-        take the defaults, so configs written before quantisation existed still load."""
-        get = model_config.get
-        kind = get("quantization", "none")
-        return cls(kind=str(kind or "none"), block=int(get("quant_block", 64)),
-                   double_quant=bool(get("quant_double", False)),
-                   dq_block=int(get("quant_dq_block", 256)),
-                   quantize_lm_head=bool(get("quant_lm_head", False)))
+        """From the ``model`` section of a config (``config_defaults`` declares its keys);
+        a plain mapping may leave keys out, which then take the fields' defaults."""
+        kw = {field: model_config[key] for key, field in _CONFIG_KEYS.items()
+              if key in model_config}
+        kw["kind"] = str(kw.pop("kind", None) or "none")
+        return cls(**kw)
 
     def applies(self, keys: Sequence[str]) -> bool:
         """Whether the parameter at ``keys`` (e.g. ('layers', 'q_proj')) is quantised."""
@@ -107,14 +113,6 @@ class QuantConfig:
         if keys[0] == "layers":
             return keys[-1] in self.targets
         return keys[-1] == "lm_head" and self.quantize_lm_head
-
-
-def as_config(quantization: "str | QuantConfig | None", block: int = 64) -> QuantConfig:
-    if quantization is None:
-        return QuantConfig()
-    if isinstance(quantization, QuantConfig):
-        return quantization
-    return QuantConfig(kind=str(quantization), block=int(block))
 
 
 # ------------------------------------------------------------------------ the weight
@@ -323,40 +321,6 @@ def layer_transform(qcfg: QuantConfig) -> Callable:
     return fn
 
 
-def load_pretrained(path: str, quantization: "str | QuantConfig" = "nf4", *,
-                    quant_block: int = 64, **kwargs):
-    """``models.load_pretrained`` with the base quantised while it is read."""
-    from xft_jax.models import hf_io
-    return hf_io.load_pretrained(path, quantization=as_config(quantization, quant_block),
-                                 **kwargs)
-
-
-def load_base(config, base_path: str, mesh):
-    """The trainer's ``load_base`` honouring ``model.quantization`` (and quant_block,
-    quant_double, quant_dq_block, quant_lm_head)."""
-    from xft_jax.models import hf_io
-    mc = config.model
-    dtype = jnp.dtype(str(mc.dtype))
-    return hf_io.load_pretrained(
-        base_path, dtype=dtype, mesh=mesh,
-        compute_dtype=jnp.dtype(str(mc.get("compute_dtype", None) or mc.dtype)),
-        remat=str(mc.get("remat", "none")), attention_impl=mc.get("attention_impl", None),
-        quantization=QuantConfig.from_config(mc))
-
-
-# ------------------------------------------------------------------------ shardings
-def param_shardings(mesh, params: dict, prefix: Sequence[str] = (), rules=None):
-    """``sharding.param_shardings`` for a params dict that may hold quantised weights."""
-    def one(path, x):
-        keys = tuple(prefix) + tuple(str(getattr(k, "key", k)) for k in path)
-        axes = leaf_axes(keys)
-        if isinstance(x, QuantizedWeight):
-            return x.shardings_for(mesh, axes, rules)
-        return sharding.named_sharding(mesh, axes, x.shape, rules)
-    return jax.tree_util.tree_map_with_path(
-        one, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
-
-
 # ------------------------------------------------------------------------ memory
 def param_bytes(params) -> int:
     """Bytes of every array (or ShapeDtypeStruct) in a pytree, quantised children too."""
@@ -381,7 +345,6 @@ def theoretical_bytes(cfg: ModelConfig, qcfg: QuantConfig, dtype=jnp.bfloat16) -
             scales = nb * d_out + nb * (d_out // dqb) * 4 + 4
         return nb * qcfg.block * d_out * per_w + scales
 
-    from xft_jax.models.decoder import linear_shape
     n, d, v = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     total = sum(n * linear(*linear_shape(cfg, t)) if t in qcfg.targets
                 else n * math.prod(linear_shape(cfg, t)) * item for t in LINEAR_NAMES)
@@ -399,16 +362,13 @@ def abstract_params(cfg: ModelConfig, qcfg: QuantConfig, dtype=jnp.bfloat16) -> 
     """The params pytree of a (quantised) model as ShapeDtypeStructs, nothing allocated:
     the abstract model from ``nnx.eval_shape`` with each target replaced by the
     ``jax.eval_shape`` of its quantisation."""
-    from flax import nnx
-
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype))
     params = abstract.params()
     q = functools.partial(quantize, kind=qcfg.kind, block=qcfg.block,
                           double_quant=qcfg.double_quant, dq_block=qcfg.dq_block)
 
     def one(path, x):
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
-        return jax.eval_shape(q, x) if qcfg.applies(keys) else x
+        return jax.eval_shape(q, x) if qcfg.applies(path_keys(path)) else x
     return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -419,12 +379,11 @@ def quantized_leaves(params) -> dict[str, QuantizedWeight]:
         params, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]
     for path, x in flat:
         if isinstance(x, QuantizedWeight):
-            out[".".join(str(getattr(k, "key", k)) for k in path)] = x
+            out[".".join(path_keys(path))] = x
     return out
 
 
 __all__ = ["QuantConfig", "QuantizedWeight", "QuantizationError", "NF4_LEVELS", "KINDS",
-           "quantize", "quantize_array", "layer_transform", "load_pretrained", "load_base",
-           "param_shardings", "param_bytes", "theoretical_bytes", "abstract_params",
+           "quantize", "quantize_array", "layer_transform", "param_bytes", "theoretical_bytes", "abstract_params",
            "max_abs_error_bound", "quantized_leaves", "NF4_MAX_REL_ERROR",
            "INT8_MAX_REL_ERROR"]

@@ -15,7 +15,7 @@ from absl import flags
 from xft_jax import errors
 
 from xft_jax import console
-from xft_jax.study import report_io
+from xft_jax.study import probe_summary, report_io
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Sweep directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Report directory (default <sweep_dir>/report).")
@@ -41,7 +41,7 @@ def main(argv):
     out = _OUT.value or os.path.join(sweep_dir, "report")
     text = report_io.write_report(sweep_dir, out, sources, axes, variants, seeds,
                                   n_boot=_N_BOOT.value,
-                                  probe_summary=report_io.default_probe_summary())
+                                  probe_summary=probe_summary.summarize)
     print(text)
 
 

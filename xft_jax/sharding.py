@@ -5,10 +5,9 @@ Every parameter and activation is described by logical axis names ('batch', 'emb
 ('data', 'fsdp', 'tensor'), so the same model code runs on one CPU, eight fake devices,
 a GPU node or a TPU pod.
 
-Also here: NamedShardings for a model's state (``model_shardings``, ``param_shardings``,
-``shard_model``), global batches assembled from each host's slice
-(``make_global_batch``), and host views of multi-host arrays (``to_host``). Multi-host
-start-up lives in ``xft_jax.distributed``.
+Also here: global batches assembled from each host's slice (``make_global_batch``) and
+host views of multi-host arrays (``to_host``). The parameters' axes and shardings live in
+``xft_jax.models.partitioning``; multi-host start-up in ``xft_jax.distributed``.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import threading
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -77,6 +77,20 @@ def create_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     except Exception:  # non-TPU topologies that mesh_utils cannot lay out
         dev_array = np.asarray(devices).reshape(shape)
     return Mesh(dev_array, MESH_AXES)
+
+
+def mesh_from_config(m, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of a run's ``mesh`` config section (data, fsdp, tensor, num_devices);
+    ``num_devices`` > 0 uses only the first N devices (one process only, e.g. to debug
+    on part of a node)."""
+    n = int(m.num_devices)
+    if devices is None and n > 0:
+        if jax.process_count() > 1:
+            raise ConfigValueError("mesh.num_devices is for single-process runs; leave it -1")
+        if n > jax.device_count():
+            raise ConfigValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
+        devices = jax.devices()[:n]
+    return create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: dict[str, Any] | None = None,
@@ -146,75 +160,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(logical_axes, rules, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-# --------------------------------------------------------------- model state
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", k)) for k in path)
-
-
-def _leaf_axes(keys: tuple[str, ...]) -> tuple[str, ...]:
-    from xft_jax.models.decoder import leaf_axes  # decoder imports this module
-
-    try:
-        return leaf_axes(keys)
-    except KeyError as e:
-        raise KeyError(f"parameter {'.'.join(keys)}: no logical axes for it in "
-                       f"decoder.PARAM_AXES ({e}); add them so it is not left unsharded"
-                       ) from None
-
-
-def param_shardings(mesh: Mesh, params: dict, prefix: Sequence[str] = (), rules=None):
-    """NamedShardings (same nesting) for a plain params dict such as ``model.params()``
-    or, with ``prefix=('lora',)``, ``model.lora_params()``: jit in/out_shardings."""
-    def one(path, x):
-        keys = tuple(prefix) + _keys(path)
-        if hasattr(x, "shardings_for"):  # a quantised weight: its parts shard like it
-            return x.shardings_for(mesh, _leaf_axes(keys), rules)
-        return named_sharding(mesh, _leaf_axes(keys), x.shape, rules)
-    return jax.tree_util.tree_map_with_path(
-        one, params, is_leaf=lambda x: hasattr(x, "shardings_for"))
-
-
-def model_shardings(mesh: Mesh, model_or_state, rules=None):
-    """Pure nested dict of NamedShardings for every variable of an NNX model (or State).
-
-    Param and LoRAParam leaves follow ``decoder.leaf_axes`` (LoRA A like its base
-    weight's input, B like its output); any other variable is replicated.
-    """
-    from flax import nnx
-
-    state = (model_or_state if isinstance(model_or_state, nnx.State)
-             else nnx.state(model_or_state))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        keys = _keys(path)
-        value = var.get_value() if hasattr(var, "get_value") else var
-        if hasattr(value, "shardings_for"):   # a quantised weight
-            sh = value.shardings_for(mesh, _leaf_axes(keys), rules)
-        elif isinstance(var, (nnx.Param, nnx.LoRAParam)):
-            sh = named_sharding(mesh, _leaf_axes(keys), np.shape(value), rules)
-        else:
-            sh = NamedSharding(mesh, P())
-        flat.append((path, sh))
-    return nnx.to_pure_dict(nnx.from_flat_state(flat)) if flat else {}
-
-
-def shard_model(model, mesh: Mesh, rules=None):
-    """Moves every variable of an NNX model onto ``mesh`` with its sharding (in place).
-
-    For parameters created on the host (e.g. LoRA adapters attached after loading);
-    ``models.load_pretrained(path, mesh=mesh)`` already places the base weights.
-    """
-    from flax import nnx
-
-    state = nnx.state(model)
-    shardings = model_shardings(mesh, state, rules)
-    placed = jax.tree.map(lambda x, s: jax.device_put(x, s),
-                          nnx.to_pure_dict(state), shardings)
-    nnx.replace_by_pure_dict(state, placed)
-    nnx.update(model, state)
-    return model
 
 
 # --------------------------------------------------------------- global batches
@@ -287,6 +232,20 @@ def make_global_batch(mesh: Mesh, local_batch: dict, axes: dict | None = None,
                 f"{jax.process_count()} process(es): the local batch must divide evenly "
                 f"over this host's batch shards ({e})") from e
     return out
+
+
+def global_batch_from_host(mesh: Mesh | None, batch: dict,
+                           keys: Sequence[str] | None = None) -> dict:
+    """Device arrays of ``keys`` of a batch that every process holds whole (the same
+    global rows on every host, as the pipelines build them): each process feeds its own
+    rows (``process_batch_slice``). Without a mesh, plain device arrays."""
+    keys = list(batch) if keys is None else keys
+    if mesh is None:
+        return {k: jnp.asarray(np.asarray(batch[k])) for k in keys}
+    b = int(np.asarray(batch[keys[0]]).shape[0])
+    rows = process_batch_slice(mesh, b)
+    local = {k: np.asarray(batch[k])[rows] for k in keys}
+    return make_global_batch(mesh, local, global_batch_size=b)
 
 
 # --------------------------------------------------------------- host views

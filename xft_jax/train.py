@@ -18,6 +18,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from xft_jax import console, distributed, errors
+from xft_jax.training.trainer import NonFiniteError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -32,8 +33,6 @@ def main(argv):
     del argv
     console.start(_CONFIG)
     distributed.initialize_from_flags(_DIST)
-    from xft_jax.training.trainer import NonFiniteError, train
-
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteError as e:

@@ -34,7 +34,7 @@ from xft_jax.data import rubrics
 from xft_jax.data.readers import DataError
 from xft_jax.data.schema import RatedExample, check_axis
 from xft_jax.data.targets import (LABEL_PREFIX, TARGET_VARIANTS, ExplanationVocab,
-                                  make_target)
+                                  make_target, prompt_room)
 
 SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "label_mask")
 ROOM_PERCENTILE = 99.0  # default percentile of the training targets' length for the room
@@ -271,3 +271,15 @@ def target_room(examples: Sequence[RatedExample], tokenizer, *, axis: str,
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         longest = np.maximum(longest, [len(t) for t in ids])
     return int(np.percentile(longest, float(percentile), method="higher"))
+
+
+def run_target_room(d, splits, tokenizer, vocab: ExplanationVocab | None) -> int:
+    """The one target room of a run's prompts (``target_room``) from a config's ``data``
+    section: the ``data.prompt_room_percentile`` of the training split's longest target
+    among the run's own and the ``data.prompt_room`` variants. Training and evaluation
+    both derive it here, from the training split, so every split is cut alike."""
+    pct = d.prompt_room_percentile
+    return target_room(splits.train, tokenizer, axis=d.axis,
+                       variants=(d.target, *prompt_room(d)),
+                       percentile=ROOM_PERCENTILE if pct is None else float(pct),
+                       seed=int(d.seed), vocab=vocab)

@@ -19,10 +19,10 @@ import tempfile
 from typing import Sequence
 
 from xft_jax import atomic
+from xft_jax.data import tfds_builder
 from xft_jax.data.aggregate import annotator_agreement, label_distribution
-from xft_jax.data.readers import write_json
+from xft_jax.data.readers import write_rated_jsonl
 from xft_jax.data.schema import AXES, RatedExample
-from xft_jax.data.splits import write_rated_jsonl
 from xft_jax.data.targets import ExplanationVocab, target_length_stats
 
 
@@ -49,11 +49,9 @@ def export(out_dir: str, source: str, train: Sequence[RatedExample],
         staging = os.path.join(staging_root, source)
         write_rated_jsonl(os.path.join(staging, "train.jsonl"), train)
         write_rated_jsonl(os.path.join(staging, "test.jsonl"), test)
-        write_json(os.path.join(staging, "summary.json"), summary)
+        atomic.write_json(os.path.join(staging, "summary.json"), summary, sort_keys=True)
         paths = {"jsonl": os.path.join(out_dir, source)}
         if with_tfds:
-            from xft_jax.data import tfds_builder
-
             paths["tfds"] = tfds_builder.build(staging_root, os.path.join(out_dir, "tfds"),
                                                source)
         atomic.replace_dir(staging, os.path.join(out_dir, source))

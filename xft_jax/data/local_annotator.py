@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xft_jax import lora as lora_lib
 from xft_jax.data.openai_client import AnnotatorError
+from xft_jax.models import generation, hf_io
+from xft_jax.models.tokenizer import load_tokenizer
 
 LOCAL_FIELDS = {"type", "name", "path", "adapter", "tokenizer", "dtype", "max_new_tokens",
                 "max_prompt_len", "temperature", "top_p", "seed"}
@@ -32,10 +35,6 @@ class LocalAnnotator:
                  max_new_tokens: int = 128, max_prompt_len: int = 4096,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  model=None, tokenizer_obj=None):
-        from xft_jax import lora as lora_lib
-        from xft_jax.models import hf_io
-        from xft_jax.models.tokenizer import load_tokenizer
-
         if not name or "/" in name:
             raise ValueError(f"annotator name {name!r} must be non-empty without '/'")
         self.name, self.model = name, path
@@ -63,8 +62,6 @@ class LocalAnnotator:
         return list(tok(text + "\n\nAssistant:", add_special_tokens=True)["input_ids"])
 
     def _generate_fn(self, bucket: int):
-        from xft_jax import generation
-
         if bucket not in self._fns:
             m = self._decoder
             self._fns[bucket] = generation.make_generate_fn(

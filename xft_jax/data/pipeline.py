@@ -41,11 +41,10 @@ import numpy as np
 from xft_jax.data.encode import SEQ_FIELDS, EncodeStats, Encoder, label_token_ids
 from xft_jax.data.readers import DataError
 from xft_jax.data.schema import RatedExample
-from xft_jax.data.splits import build_datasets  # noqa: F401  (re-exported for trainers)
 from xft_jax.data.targets import ExplanationVocab
+from xft_jax.data.tfds_builder import record_to_example
 
-__all__ = ["Batches", "make_batches", "encoded_digest", "label_token_ids", "build_datasets",
-           "to_examples"]
+__all__ = ["Batches", "make_batches", "encoded_digest", "label_token_ids", "to_examples"]
 
 
 @dataclasses.dataclass
@@ -81,8 +80,6 @@ def encoded_digest(encoded: Sequence[dict]) -> str:
 def to_examples(data) -> list[RatedExample]:
     """RatedExamples from a list of them or from a random-access TFDS data source."""
     if len(data) and not isinstance(data[0], RatedExample):
-        from xft_jax.data.tfds_builder import record_to_example
-
         return [record_to_example(data[i]) for i in range(len(data))]
     return list(data)
 
@@ -148,7 +145,8 @@ def _from_packed(batch: dict) -> dict:
     return out
 
 
-def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(this host's index, the number of hosts), from jax where not given."""
     if process_index is None or process_count is None:
         import jax
 
@@ -176,7 +174,7 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     (training only). buckets: pad each batch to the smallest of these widths that fits
     it (fewer wasted tokens, a few compiled shapes; with process_count > 1 each host
     buckets its own rows and hosts may disagree on T, so build the global batch on every
-    host instead, as ``training.data`` and ``eval_lib`` do). vocab: needed for
+    host instead, as ``training.batches`` and ``eval.evaluation`` do). vocab: needed for
     ``random_vocab``; build it from
     the training split. target_seed: seeds the pseudo-explanations (default ``seed``).
     prompt_room: target variants each prompt leaves room for (``encode.Encoder``), so
@@ -198,10 +196,14 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     if sort_by_length and train:
         raise ValueError("sort_by_length is for eval batches (train=False)")
     shuffle = train if shuffle is None else shuffle
-    pi, pc = _host(process_index, process_count)
+    pi, pc = _process_slot(process_index, process_count)
     examples = to_examples(data)
     if variant == "random_vocab" and vocab is None:
         raise ValueError("random_vocab needs vocab=ExplanationVocab.from_examples(train, axis)")
+    if target_room is not None and int(target_room) >= max_len:
+        raise DataError(f"none of the {len(examples)} examples fits max_len={max_len}: every "
+                        f"prompt leaves {target_room} target tokens (the training split's "
+                        f"long targets) and the label needs a prompt: raise data.max_len")
     encoder = Encoder(tokenizer, axis=axis, variant=variant, max_len=max_len,
                       seed=seed if target_seed is None else target_seed, vocab=vocab,
                       prompt_room=prompt_room, target_room=target_room,

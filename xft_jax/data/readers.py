@@ -4,7 +4,7 @@ Every row comes out with a location string ("path:line" for JSONL/CSV, "path:row
 for parquet, "path:record N" for a JSON array) so that any complaint about it can name
 the exact place. ``ErrorPolicy`` decides whether a bad row stops the run (default) or
 is skipped and counted in a ``LoadReport``: nothing is ever dropped silently.
-Also here: ``atomic_write`` so a failed run leaves no half-written output.
+Writes go through ``xft_jax.atomic``, so a failed run leaves no half-written output.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import gzip
 import io
 import json
 import os
+from typing import Any, Iterator, Sequence
 
 from xft_jax.atomic import atomic_open
+from xft_jax.data.schema import RatedExample, SchemaError
 from xft_jax.errors import UserError
-from typing import Any, Iterator
 
 ROW_EXTENSIONS = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet", ".csv",
                   ".tsv")
@@ -213,17 +214,25 @@ def _csv_rows(file: str, policy: ErrorPolicy):
         start = reader.line_num + 1
 
 
-atomic_write = atomic_open  # kept name: data modules write through it
-
-
 def write_jsonl(path: str, records: list[dict]) -> None:
     """Atomically writes one JSON object per line (UTF-8, non-ASCII kept)."""
-    with atomic_write(path) as f:
+    with atomic_open(path) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def write_json(path: str, obj: Any) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
+def read_rated_jsonl(path: str, on_error: str = "raise",
+                     report: LoadReport | None = None) -> list[RatedExample]:
+    """RatedExamples from a JSONL export; errors name file and line."""
+    policy = ErrorPolicy(on_error, report)
+    out = []
+    for where, row in iter_rows(path, policy):
+        try:
+            out.append(RatedExample.from_dict(row))
+        except SchemaError as e:
+            policy.fail(where, f"invalid item: {e}")
+    return out
+
+
+def write_rated_jsonl(path: str, examples: Sequence[RatedExample]) -> None:
+    write_jsonl(path, [ex.to_dict() for ex in examples])

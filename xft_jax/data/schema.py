@@ -18,6 +18,7 @@ from xft_jax.errors import UserError
 AXES = ("naturalness", "comprehensiveness", "on_topic")
 RATED_FIELDS = ("id", "source", "context", "response", "ratings")
 MIN_LABEL, MAX_LABEL = 1, 5
+NUM_LABELS = MAX_LABEL - MIN_LABEL + 1
 
 
 class SchemaError(UserError, ValueError):

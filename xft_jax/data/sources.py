@@ -24,6 +24,7 @@ import os
 import re
 from typing import Callable, Iterable, Iterator
 
+from xft_jax.data import synthetic
 from xft_jax.data.readers import DataError, ErrorPolicy, LoadReport, RowError, iter_rows
 from xft_jax.data.schema import Conversation, SchemaError
 
@@ -438,8 +439,6 @@ def iter_source(name: str, path: str | None = None, *, on_error: str = "raise",
         raise ValueError(f"unknown source {name!r}; known: {sorted(SOURCES)}")
     policy = ErrorPolicy(on_error, report)
     if name == "synthetic":
-        from xft_jax.data import synthetic
-
         if path is not None:
             raise DataError(f"{path}: the synthetic source is generated; it takes no path")
         for c in synthetic.conversations(synthetic.DEFAULT_NUM_ITEMS, seed=0):

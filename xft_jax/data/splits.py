@@ -22,8 +22,9 @@ import hashlib
 import os
 from typing import Callable, Sequence, TypeVar
 
-from xft_jax.data.readers import DataError, ErrorPolicy, LoadReport, iter_rows, write_jsonl
-from xft_jax.data.schema import RatedExample, SchemaError
+from xft_jax.data import synthetic, tfds_builder
+from xft_jax.data.readers import DataError, read_rated_jsonl
+from xft_jax.data.schema import RatedExample
 
 T = TypeVar("T")
 TEST_FRACTION = 1 / 3  # the paper's 10,000 train / 5,000 test
@@ -75,23 +76,6 @@ def sample_split(items: Sequence[T], num_train: int | None = None, num_test: int
         if n is not None:
             out[name] = out[name][:n]
     return out
-
-
-def read_rated_jsonl(path: str, on_error: str = "raise",
-                     report: LoadReport | None = None) -> list[RatedExample]:
-    """RatedExamples from a JSONL export; errors name file and line."""
-    policy = ErrorPolicy(on_error, report)
-    out = []
-    for where, row in iter_rows(path, policy):
-        try:
-            out.append(RatedExample.from_dict(row))
-        except SchemaError as e:
-            policy.fail(where, f"invalid item: {e}")
-    return out
-
-
-def write_rated_jsonl(path: str, examples: Sequence[RatedExample]) -> None:
-    write_jsonl(path, [ex.to_dict() for ex in examples])
 
 
 @dataclasses.dataclass
@@ -163,11 +147,7 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
     ``<source>/{train,test}.jsonl``), a TFDS data_dir holding the ``xft_rated/<source>``
     dataset, or that dataset's version directory.
     """
-    from xft_jax.data import tfds_builder
-
     if source == "synthetic" and path is None:
-        from xft_jax.data import synthetic
-
         n = synthetic.DEFAULT_NUM_ITEMS if num_synthetic is None else num_synthetic
         parts = sample_split(synthetic.generate(n, seed), num_train, num_test, test_fraction)
         train, val = carve_validation(parts["train"], validation_fraction)
@@ -200,6 +180,23 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
     test.sort(key=lambda x: (_unit("xft_jax/sample", x.id), x.id))
     train, val = carve_validation(train[:num_train], validation_fraction)
     return DatasetSplits(train, test[:num_test], source, origin, val)
+
+
+def validation_fraction(d) -> float:
+    """``data.validation_fraction`` of a config's data section; None (an eval config that
+    leaves it to the run) gives the default."""
+    f = d.validation_fraction
+    return VALIDATION_FRACTION if f is None else float(f)
+
+
+def build_splits(d) -> DatasetSplits:
+    """The run's train / validation / test splits from a config's ``data`` section;
+    validation is carved from the training split by hashed id
+    (``data.validation_fraction``)."""
+    return build_datasets(d.source, d.path or None, num_train=d.num_train,
+                          num_test=d.num_test, seed=int(d.seed),
+                          num_synthetic=d.num_synthetic,
+                          validation_fraction=validation_fraction(d))
 
 
 def _records(ds):

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from xft_jax.errors import ConfigValueError
 from xft_jax.data.schema import AXES, RatedExample, check_axis
 
 TARGET_VARIANTS = ("label_only", "explanation", "shuffled", "bag_of_words", "random_vocab")
@@ -149,3 +150,22 @@ def _summary(lengths: list[int]) -> dict:
     a = np.asarray(lengths)
     return {"count": int(a.size), "mean": float(a.mean()), "median": float(np.median(a)),
             "max": int(a.max())}
+
+
+def prompt_room(d) -> tuple[str, ...]:
+    """``data.prompt_room`` as a tuple of target variants; None, or a data section stored
+    before the key existed, gives the paper's variants."""
+    room = d.get("prompt_room", None)
+    room = PAPER_VARIANTS if room is None else room
+    if isinstance(room, str) or not all(v in TARGET_VARIANTS for v in room):
+        raise ConfigValueError(f"config.data.prompt_room={room!r}: expected a tuple of "
+                               f"target variants from {TARGET_VARIANTS}")
+    return tuple(room)
+
+
+def explanation_vocab(splits, axis: str, variants):
+    """The training split's explanation vocabulary when ``random_vocab`` is among
+    ``variants`` (its targets are drawn from it), else None. Built from the training split
+    only, so test explanations never leak into training targets."""
+    return (ExplanationVocab.from_examples(splits.train, axis)
+            if "random_vocab" in variants else None)

@@ -26,7 +26,7 @@ from etils import epath
 from xft_jax import atomic
 from xft_jax.data.schema import AXES, AxisRating, Conversation, RatedExample
 from xft_jax.data.sources import SOURCES
-from xft_jax.data.splits import read_rated_jsonl
+from xft_jax.data.readers import read_rated_jsonl
 
 NAME = "xft_rated"
 VERSION = "1.0.0"

@@ -6,7 +6,7 @@ place. Layers are stacked on a leading axis and run under ``jax.lax.scan``: comp
 does not grow with depth.
 
 Weight layout is [in, out] (HF stores [out, in]); stacked layer weights carry a leading
-layer axis. ``PARAM_AXES`` gives the logical axes of every leaf for sharding.
+layer axis; ``models.partitioning`` gives the logical axes of every leaf.
 """
 
 from __future__ import annotations
@@ -23,26 +23,8 @@ from xft_jax import sharding
 from xft_jax.models.attention import (MASK_FREE_IMPLS, causal_self_attention,
                                       mask_free_self_attention)
 from xft_jax.models.config import ModelConfig
+from xft_jax.models.partitioning import params_tree
 
-# Logical axes by leaf name; stacked layer leaves get a leading 'layers' axis.
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("norm",),
-    "lm_head": ("embed", "vocab"),
-    "input_norm": ("layers", "norm"),
-    "post_attn_norm": ("layers", "norm"),
-    "q_proj": ("layers", "embed", "heads"),
-    "k_proj": ("layers", "embed", "kv_heads"),
-    "v_proj": ("layers", "embed", "kv_heads"),
-    "o_proj": ("layers", "heads", "embed"),
-    "q_bias": ("layers", "heads"),
-    "k_bias": ("layers", "kv_heads"),
-    "v_bias": ("layers", "kv_heads"),
-    "o_bias": ("layers", "embed"),
-    "gate_proj": ("layers", "embed", "mlp"),
-    "up_proj": ("layers", "embed", "mlp"),
-    "down_proj": ("layers", "mlp", "embed"),
-}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -159,8 +141,8 @@ def attention_mask_matrix(q_seg, k_seg, q_idx, k_idx, window):
 
 def _lora_delta(x, lora, name, opts, rng):
     """(dropout(x) @ A) @ B * scale in float32. The activations are flattened to
-    [B*T, in] first: XLA:CPU runs the rank-r matmuls on 3-D operands as slow batched
-    kernels (one rank-16 layer fwd+bwd measured 20.1 ms batched vs 11.6 ms flattened)."""
+    [B*T, in] first: XLA:CPU runs the rank-r matmuls on 3-D operands as slower batched
+    kernels (measured in bench/README.md)."""
     if lora is None or name not in lora:
         return 0.0
     a, b = lora[name]["a"], lora[name]["b"]
@@ -196,7 +178,7 @@ def dense(x, p, name, lora, opts, rng, bias=None):
 # ------------------------------------------------------------------------ one layer
 def decoder_layer(cfg: ModelConfig, opts: ForwardOptions, x, p, lora, ctx, cache, rng,
                   out_pos=None):
-    """One pre-norm block. ``ctx`` holds positions, masks and probe positions.
+    """One pre-norm block. ``ctx`` holds positions, masks and the attention hook.
 
     out_pos [B,K]: the block's output is wanted at these positions only (the last layer
     under ``output_positions``). Keys and values still cover every position; queries,
@@ -235,8 +217,8 @@ def decoder_layer(cfg: ModelConfig, opts: ForwardOptions, x, p, lora, ctx, cache
         attn = jax.nn.dot_product_attention(
             q, k, v, mask=mask, implementation=None if mask_free else opts.attention_impl)
     out = {}
-    if ctx.get("probe_pos") is not None:
-        out["attn_entropy"] = _attention_entropy(q, k, mask, ctx["probe_pos"], cfg)
+    if ctx.get("attention_reduce") is not None:
+        out["attention"] = ctx["attention_reduce"](q, k, mask)
     attn = attn.reshape(b, tq, h * hd)
     x = x + dense(attn, p, "o_proj", lora, opts, rng, p.get("o_bias"))
     x = sharding.constrain(x, ("batch", "length", "embed"))
@@ -255,27 +237,12 @@ def _rows_at(a, pos):
     return jnp.take_along_axis(a, idx, axis=1)
 
 
-def _attention_entropy(q, k, mask, probe_pos, cfg):
-    """Entropy (nats) of the attention distribution of the query at ``probe_pos``, mean
-    over heads: one query row per example, never a [B,H,T,T] tensor."""
-    b = q.shape[0]
-    rows = jnp.arange(b)
-    qp = q[rows, probe_pos].astype(jnp.float32)                      # [B,H,hd]
-    groups = cfg.num_heads // cfg.num_kv_heads
-    kk = jnp.repeat(k.astype(jnp.float32), groups, axis=2)            # [B,S,H,hd]
-    logits = jnp.einsum("bhd,bshd->bhs", qp, kk) / math.sqrt(cfg.head_dim)
-    m = mask[rows, 0, probe_pos]                                      # [B,S]
-    logits = jnp.where(m[:, None, :], logits, -jnp.inf)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ent = -jnp.sum(jnp.where(m[:, None, :], jnp.exp(logp) * logp, 0.0), axis=-1)
-    return ent.mean(axis=-1)
-
-
 # ------------------------------------------------------------------------ full forward
 def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, positions=None,
             segment_ids=None, opts: ForwardOptions = ForwardOptions(), lora: dict | None = None,
             output_positions=None, output: str = "logits",
-            layer_reduce: Callable | None = None, probe_pos=None, cache: dict | None = None,
+            layer_reduce: Callable | None = None, attention_reduce: Callable | None = None,
+            cache: dict | None = None,
             cache_index=None, rng=None) -> dict:
     """Runs the decoder.
 
@@ -283,7 +250,9 @@ def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, p
       'hidden' (final-normed hidden states, same positions), or 'none'.
     layer_reduce(h, layer_index) -> pytree of small arrays, applied to the embedding
       output (index 0) and each layer's output; results stacked on a leading [L+1] axis.
-    probe_pos [B]: also return per-layer attention entropy at that position [L,B].
+    attention_reduce(q [B,Tq,H,hd], k [B,S,KVH,hd], mask [B,1,Tq,S]) -> pytree of small
+      arrays, applied inside every layer; results stacked on a leading [L] axis under
+      'attention' (the probe's attention entropy, without a [B,H,T,T] tensor).
     cache {'k','v': [L,B,S,KVH,hd], 'mask': [B,S] int}: KV-cache decoding; the input is
       written at ``cache_index`` (a scalar) and attends to all valid cached slots.
     """
@@ -310,7 +279,7 @@ def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, p
     mask = attention_mask_matrix(q_seg, k_seg, q_idx, k_idx, cfg.sliding_window)
     max_pos = jnp.max(positions) if cfg.rope_type == "dynamic" else None
     ctx = {"positions": positions, "inv_freq": rope_inv_freq(cfg, max_pos), "mask": mask,
-           "probe_pos": probe_pos, "cache_index": cache_index}
+           "attention_reduce": attention_reduce, "cache_index": cache_index}
 
     x = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
     x = sharding.constrain(x, ("batch", "length", "embed"))
@@ -319,7 +288,7 @@ def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, p
     # With output_positions and nothing that needs every layer's full output, the last
     # layer runs its queries, o_proj and MLP at those positions only (see decoder_layer).
     last_at_outputs = (output_positions is not None and output != "none" and cache is None
-                       and layer_reduce is None and probe_pos is None)
+                       and layer_reduce is None and attention_reduce is None)
     n_scan = cfg.num_layers - 1 if last_at_outputs else cfg.num_layers
     policy = REMAT_POLICIES[opts.remat]
     remat = (lambda f: jax.checkpoint(f, policy=policy, prevent_cse=False)  # noqa: E731
@@ -356,8 +325,8 @@ def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, p
     if layer_reduce is not None:
         result["layers"] = jax.tree.map(lambda a, r: jnp.concatenate([a[None], r], 0),
                                         reduce0, outs["reduce"])
-    if probe_pos is not None:
-        result["attn_entropy"] = outs["attn_entropy"]
+    if attention_reduce is not None:
+        result["attention"] = outs["attention"]
     if cache is not None:
         result["cache"] = {"k": new_cache["k"], "v": new_cache["v"], "mask": cache_mask}
     if output == "none":
@@ -449,19 +418,3 @@ class Decoder(nnx.Module):
         return self.forward(input_ids, attention_mask=attention_mask, positions=positions,
                             segment_ids=segment_ids)["logits"]
 
-
-def params_tree(state) -> dict:
-    """nnx.State -> nested dict of arrays (Param wrappers removed; LoRA excluded)."""
-    pure = dict(nnx.to_pure_dict(state))
-    pure.pop("lora", None)
-    return pure
-
-
-def leaf_axes(path: tuple) -> tuple[str, ...]:
-    """Logical axes of a parameter from its state path, e.g. ('layers', 'q_proj')."""
-    names = [str(getattr(k, "key", k)) for k in path]
-    if "lora" in names:
-        target, part = names[-2], names[-1]
-        base = PARAM_AXES[target]
-        return (base[0], base[1], "lora_rank") if part == "a" else (base[0], "lora_rank", base[2])
-    return PARAM_AXES[names[-1]]

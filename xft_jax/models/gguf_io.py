@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xft_jax import sharding
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import LINEAR_NAMES, Decoder, leaf_axes
+from xft_jax.models.decoder import LINEAR_NAMES, Decoder
+from xft_jax.models.partitioning import leaf_axes
 from xft_jax.models.gguf_file import GGUFFile, GGUFFormatError, TensorInfo
 from xft_jax.errors import UserError
 

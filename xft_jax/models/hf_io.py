@@ -27,7 +27,8 @@ from xft_jax import atomic, errors, sharding
 from xft_jax.errors import UserError
 from xft_jax.models import gguf_io
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import Decoder, leaf_axes
+from xft_jax.models.decoder import Decoder
+from xft_jax.models.partitioning import leaf_axes
 from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
 
 LAYER_PREFIX = "model.layers.{i}."
@@ -296,21 +297,21 @@ def _set_layer(stacked, layer, i):
 
 def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
                     compute_dtype=None, remat: str = "none",
-                    attention_impl: str | None = None,
-                    quantization=None, quant_block: int = 64) -> Decoder:
+                    attention_impl: str | None = None, transform=None) -> Decoder:
     """A Decoder with weights streamed from an HF safetensors checkpoint directory.
 
     dtype: parameter dtype (source tensors in any float dtype are cast on read).
     compute_dtype: activation dtype (defaults to ``dtype``).
     mesh: place every parameter with its logical-axis sharding over this mesh.
-    quantization: 'none' | 'nf4' | 'int8' | ``quantization.QuantConfig``: linear weights
-      are quantised layer by layer as they are read (``quant_block`` rows per scale).
+    transform: ``fn(keys, array) -> leaf`` applied to every layer of every stacked leaf
+      as it is read, and to top-level leaves (``quantization.layer_transform`` quantises
+      the base this way, so the dense model is never held whole).
     A ``.gguf`` file is read by ``gguf_io.load_gguf`` (dequantised to ``dtype``).
     """
     if gguf_io.is_gguf(path):
         return gguf_io.load_gguf(path, dtype, mesh, compute_dtype=compute_dtype, remat=remat,
                                  attention_impl=attention_impl,
-                                 transform=_quant_transform(quantization, quant_block))
+                                 transform=transform)
     if not os.path.isdir(path):
         raise errors.MissingPathError(f"{path}: checkpoint directory not found")
     cfg = ModelConfig.from_pretrained(path)
@@ -346,7 +347,6 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
                                               attention_impl=attention_impl))
     graphdef, state = nnx.split(abstract)
     np_dtype = np.dtype(jnp.dtype(dtype))
-    layer_transform = _quant_transform(quantization, quant_block)
     top_leaves, layer_leaves = [], []
     for p, var in nnx.to_flat_state(state):
         keys = [str(getattr(k, "key", k)) for k in p]
@@ -364,18 +364,10 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
     # transient host copy then never adds to a nearly loaded model.
     tensor_reads = list(_tensor_reads(top_leaves, leaves,
                                       _layer_order(files, leaves, cfg.num_layers)))
-    loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype, layer_transform)
+    loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype, transform)
     for p, keys, _, _ in top_leaves + layer_leaves:
         _set_path(state, p, loaded[tuple(keys)])
     return nnx.merge(graphdef, state)
-
-
-def _quant_transform(quantization, quant_block: int):
-    """The per-layer quantising transform ``quantization`` asks for, or None."""
-    if quantization is None or str(getattr(quantization, "kind", quantization)) == "none":
-        return None
-    from xft_jax import quantization as quant_lib   # imports this package
-    return quant_lib.layer_transform(quant_lib.as_config(quantization, quant_block))
 
 
 def _set_path(state, path, value):

@@ -11,18 +11,18 @@ import time
 
 from tqdm import tqdm
 
-from xft_jax import atomic
+from xft_jax import atomic, config_defaults
+from xft_jax.eval import evaluation, probe_runs
 from xft_jax.data import synthetic
 from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
 from xft_jax.study import grid, pretrain, probe_summary, report_io
+from xft_jax.training import selection, trainer
 
 SOURCE = "synthetic"
 
 
 def eval_config(workdir: str, c):
-    from configs import eval as eval_configs
-
-    ec = eval_configs.get_config()
+    ec = config_defaults.eval_config()
     ec.model.workdir = workdir
     ec.eval.batch_size = int(c.eval.batch_size)
     ec.data.max_examples = c.eval.max_examples
@@ -61,15 +61,12 @@ def cell_definition(c, cell: grid.Cell, base_dir: str, sweep_dir: str, base_mode
 
 
 def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> None:
-    from xft_jax import eval_lib, probe_report
-    from xft_jax.training import trainer
-
     root = os.path.join(sweep_dir, cell.rel)
     tc, ec, pc = cell_configs(c, cell, base_dir, sweep_dir)
     trainer.train(tc, ec.model.workdir)
-    eval_lib.run_evaluation(ec, os.path.join(root, "eval"))
+    evaluation.run_evaluation(ec, os.path.join(root, "eval"))
     if pc is not None:
-        probe_report.run_probes(pc, os.path.join(root, "probe"), [ec.model.workdir])
+        probe_runs.run_probes(pc, os.path.join(root, "probe"), [ec.model.workdir])
 
 
 def majority_rates(sweep_dir: str, cells) -> dict[str, float]:
@@ -87,8 +84,6 @@ def majority_rates(sweep_dir: str, cells) -> dict[str, float]:
 
 def selected_steps(sweep_dir: str, cells) -> list[str]:
     """One line per run: the step selected on validation and its validation accuracy."""
-    from xft_jax.training import selection
-
     out = []
     for cell in cells:
         doc = selection.read(os.path.join(sweep_dir, cell.rel, "train"))

@@ -54,13 +54,4 @@ def write_report(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Seq
     return text
 
 
-def default_probe_summary():
-    """The probe section, once per-cell probe.json files exist (None until wired)."""
-    try:
-        from xft_jax.study import probe_summary
-    except ImportError:
-        return None
-    return probe_summary.summarize
-
-
-__all__ = ["write_report", "grid_of", "default_probe_summary"]
+__all__ = ["write_report", "grid_of"]

@@ -21,9 +21,12 @@ import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import distributed
 from xft_jax.errors import MissingPathError, UserError
@@ -94,6 +97,25 @@ def _unjsonable(x: Any) -> Any:
     if isinstance(x, list):
         return [_unjsonable(v) for v in x]
     return x
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with shardings (orbax restore targets)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def abstract_state(lora: Any, lora_sh: Any, tx: optax.GradientTransformation, opt_sh: Any,
+                   mesh) -> dict:
+    """The restore target of a checkpoint's state (what ``save`` is given): LoRA params
+    and optimiser state placed like ``lora_sh`` / ``opt_sh``, the run's dropout key data
+    and the step replicated. ``lora`` may be arrays or ShapeDtypeStructs."""
+    rep = NamedSharding(mesh, P())
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return {"lora": abstract_like(lora, lora_sh),
+            "opt_state": abstract_like(jax.eval_shape(tx.init, lora), opt_sh),
+            "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
 
 
 class Checkpoints:
@@ -197,7 +219,7 @@ class Checkpoints:
             raise CheckpointCorruptError(f"{where}: {', '.join(bad[:3])} hold NaN or inf")
         return state, _unjsonable(out["data"]["iterator"]), out["meta"]
 
-    def restore_verified(self, abstract_state: dict, *, set_aside: bool = False
+    def restore_verified(self, target: dict, *, set_aside: bool = False
                          ) -> tuple[int, dict, Any, dict]:
         """(step, state, data state, meta) of the newest step that reads and verifies.
 
@@ -208,7 +230,7 @@ class Checkpoints:
         failed = []
         for step in reversed(self.all_steps()):
             try:
-                state, data, meta = self._restore_checked(step, abstract_state)
+                state, data, meta = self._restore_checked(step, target)
             except CheckpointCorruptError as e:
                 failed.append((step, e))
                 continue

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 
+from xft_jax.data.schema import AXES
+from xft_jax.data.sources import SOURCES
+from xft_jax.data.targets import TARGET_VARIANTS
 from xft_jax.errors import ConfigValueError
 
 
 def _number(c, key: str) -> float:
     section, leaf = key.split(".")
-    v = c[section].get(leaf, None)
+    v = c[section][leaf]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ConfigValueError(f"config.{key}={v!r}: expected a finite number")
     return float(v)
@@ -18,14 +21,16 @@ def _number(c, key: str) -> float:
 
 def check_train_config(config) -> None:
     """Raises ``ConfigValueError`` naming the first key whose value cannot work."""
-    from xft_jax.data.schema import AXES
-    from xft_jax.data.sources import SOURCES
-    from xft_jax.data.targets import TARGET_VARIANTS
-
     lr = _number(config, "optim.lr")
     if lr <= 0:
         raise ConfigValueError(f"config.optim.lr={lr}: the learning rate must be > 0")
+    if config.train.steps is None:      # the run's length follows from train.epochs
+        epochs = _number(config, "train.epochs")
+        if epochs <= 0:
+            raise ConfigValueError(f"config.train.epochs={epochs}: must be positive")
     for key in ("train.steps", "data.batch_size", "data.max_len"):
+        if key == "train.steps" and config.train.steps is None:
+            continue
         v = _number(config, key)
         if v < 1 or v != int(v):
             raise ConfigValueError(f"config.{key}={v}: must be a positive integer")

@@ -10,8 +10,14 @@ import os
 import shutil
 import tempfile
 
+import jax.numpy as jnp
+
 from xft_jax import atomic
-from xft_jax.errors import ConfigValueError, UserError
+from xft_jax import lora as lora_lib
+from xft_jax.errors import ConfigValueError, MissingPathError, UserError
+from xft_jax.training import selection
+from xft_jax.training.checkpoint import Checkpoints
+from xft_jax.training.restore import load_trained
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -55,12 +61,6 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
     Everything is written to a directory beside ``out`` and swapped in whole when
     complete, so ``out`` never mixes files of two exports (a stale shard index, say).
     """
-    import jax.numpy as jnp
-
-    from xft_jax import lora as lora_lib
-    from xft_jax.training import selection
-    from xft_jax.training.restore import load_trained
-
     if fmt not in FORMATS:
         raise ConfigValueError(f"format={fmt!r}; expected one of {FORMATS}")
     if step is None:
@@ -89,9 +89,6 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
 
 def _base_path_of(workdir: str, step: int | None) -> str:
     """The run's base model path from its checkpoint metadata (read before any load)."""
-    from xft_jax.errors import MissingPathError
-    from xft_jax.training.checkpoint import Checkpoints
-
     if not os.path.isdir(workdir):
         raise MissingPathError(f"{workdir}: no such training run directory")
     ckpts = Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"), create=False)

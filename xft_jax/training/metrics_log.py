@@ -8,7 +8,6 @@ uninterrupted run's.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import jax
@@ -34,11 +33,6 @@ def read_metrics(workdir: str) -> list[dict]:
     return out
 
 
-def _clean(v):
-    v = float(v)
-    return v if math.isfinite(v) else str(v)
-
-
 class RunLogger:
     def __init__(self, workdir: str, total_steps: int, start_step: int):
         self.primary = jax.process_index() == 0
@@ -62,7 +56,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.primary:
             return
-        rec = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        rec = {"step": int(step), **atomic.json_safe({k: float(v) for k, v in metrics.items()})}
         self.file.write(json.dumps(rec, sort_keys=True) + "\n")
         self.file.flush()
         for k, v in metrics.items():

@@ -40,13 +40,11 @@ def make_optimizer(optim_cfg, steps: int) -> tuple[optax.GradientTransformation,
     """From ``config.optim``: lr, schedule, warmup_steps, end_lr_ratio, b1, b2, eps,
     weight_decay, clip_norm (0 disables clipping)."""
     c = optim_cfg
-    schedule = make_schedule(float(c.lr), steps, int(c.get("warmup_steps", 0)),
-                             str(c.get("schedule", "cosine")),
-                             float(c.get("end_lr_ratio", 0.0)))
+    schedule = make_schedule(float(c.lr), steps, int(c.warmup_steps), str(c.schedule),
+                             float(c.end_lr_ratio))
     parts = []
-    if float(c.get("clip_norm", 1.0)) > 0:
-        parts.append(optax.clip_by_global_norm(float(c.get("clip_norm", 1.0))))
-    parts.append(optax.adamw(schedule, b1=float(c.get("b1", 0.9)), b2=float(c.get("b2", 0.999)),
-                             eps=float(c.get("eps", 1e-8)),
-                             weight_decay=float(c.get("weight_decay", 0.0))))
+    if float(c.clip_norm) > 0:
+        parts.append(optax.clip_by_global_norm(float(c.clip_norm)))
+    parts.append(optax.adamw(schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
+                             weight_decay=float(c.weight_decay)))
     return optax.chain(*parts), schedule

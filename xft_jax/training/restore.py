@@ -2,7 +2,7 @@
 
 Used by ``xft_jax.export`` (and any evaluator): reads ``<workdir>/checkpoints/<step>``,
 rebuilds the run's optimiser only to describe the checkpoint's tree, and attaches the
-restored LoRA params to a freshly loaded base.
+restored LoRA arrays to a freshly loaded base.
 """
 
 from __future__ import annotations
@@ -10,17 +10,14 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
-from xft_jax import sharding
+from xft_jax import config_defaults, sharding
 from xft_jax.errors import MissingPathError
-from xft_jax.models import hf_io
 from xft_jax.training import optim
-from xft_jax.training.checkpoint import Checkpoints
-from xft_jax.training.step import abstract_like, opt_state_shardings
+from xft_jax.training.base_model import load_base
+from xft_jax.training.checkpoint import Checkpoints, abstract_state
+from xft_jax.training.step import opt_state_shardings
 
 
 def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None,
@@ -43,42 +40,28 @@ def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None
             raise MissingPathError(f"{ckpts.directory}: no checkpoint of step {step} "
                                    f"(steps: {ckpts.all_steps()})")
         meta = ckpts.read_meta(step)
-        config = ml_collections.ConfigDict(meta["config"])
+        config = config_defaults.with_defaults(meta["config"])
         lmeta = meta["lora"]
         base_path = lmeta["base_model_path"]
         mesh = mesh or sharding.create_mesh(1, 1, 1, devices=jax.devices()[:1])
-        quant = str(config.model.get("quantization", None) or "none")
-        if quant != "none" and not dense:
-            from xft_jax import quantization
-            qcfg = quantization.QuantConfig.from_config(config.model)
-        else:
-            qcfg = None
-        model = hf_io.load_pretrained(
-            base_path, dtype=jnp.dtype(dtype or config.model.dtype), mesh=mesh,
-            compute_dtype=jnp.dtype(dtype or config.model.get("compute_dtype")
-                                    or config.model.dtype), quantization=qcfg)
+        model = load_base(config.model, base_path, mesh, dtype=dtype, dense=dense,
+                          inference=True)
         lora_lib.check_metadata(lmeta, model.config, f"{ckpts.directory}/{step}")
         lcfg = lora_lib.LoRAConfig(rank=lmeta["rank"], alpha=lmeta["alpha"],
                                    dropout=lmeta["dropout"], targets=tuple(lmeta["targets"]),
                                    rslora=lmeta["rslora"],
                                    param_dtype=lmeta.get("param_dtype", "float32"))
-        lora_lib.attach(model, lcfg, jax.random.key(0), mesh)
-        lora = model.lora_params()
-        rep = NamedSharding(mesh, P())
+        lora = lora_lib.abstract_lora(model.config, lcfg)
         lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
         tx, _ = optim.make_optimizer(config.optim, int(meta.get("steps")
                                                         or config.train.steps))
         opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
-        opt_abs = jax.eval_shape(tx.init, lora)
-        abstract = {"lora": abstract_like(lora, lora_sh),
-                    "opt_state": abstract_like(opt_abs, opt_sh),
-                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-                    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+        target = abstract_state(lora, lora_sh, tx, opt_sh, mesh)
         if requested is None:      # the newest that verifies, with a warning if not latest
-            step, state, _, meta = ckpts.restore_verified(abstract)
+            step, state, _, meta = ckpts.restore_verified(target)
         else:
-            state, _, meta = ckpts.restore(step, abstract)
-        lora_lib.set_lora_tree(model, state["lora"])
+            state, _, meta = ckpts.restore(step, target)
+        lora_lib.attach_arrays(model, lcfg, state["lora"]["layers"])
         return model, meta, step
     finally:
         ckpts.close()

@@ -12,7 +12,7 @@ is reported in the metrics (``finite`` = 0), so the loop can stop before saving 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
                   scfg: StepConfig, rng, n_tok_total):
     """(objective / n_tok_total, sums) for one micro-batch.
 
-    With ``target_pos`` [B,K] (see training.data.target_positions) the final norm and LM
+    With ``target_pos`` [B,K] (see training.batches.target_positions) the final norm and LM
     head run at the K target positions only; without it, at every position (chunked)."""
     targets, loss_mask, label_mask = batch["targets"], batch["loss_mask"], batch["label_mask"]
     positions = None
@@ -132,9 +132,3 @@ def jit_step(step: Callable, mesh: Mesh, lora_sh, opt_sh, base_sh) -> Callable:
                    in_shardings=(lora_sh, opt_sh, base_sh, batch_shardings(mesh), rep, rep),
                    out_shardings=(lora_sh, opt_sh, rep),
                    donate_argnums=(0, 1))
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs with shardings (orbax restore targets)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)

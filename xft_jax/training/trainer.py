@@ -29,18 +29,19 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xft_jax import lora as lora_lib
-from xft_jax import atomic, scoring, sharding
-from xft_jax.models import attention, hf_io
-from xft_jax.models.tokenizer import load_tokenizer
+from xft_jax import atomic, sharding
 from xft_jax.errors import ConfigValueError, is_user_error
+from xft_jax.eval import scoring
+from xft_jax.models import attention, partitioning
 from xft_jax.models.config import ModelConfig
-from xft_jax.training import base_model, data as data_lib, loss as loss_lib, optim, run_identity
+from xft_jax.models.tokenizer import load_tokenizer
+from xft_jax.training import base_model, batches as batches_lib, loss as loss_lib, optim, run_identity
 from xft_jax.training import selection
-from xft_jax.training.checkpoint import Checkpoints
+from xft_jax.training.checkpoint import Checkpoints, abstract_state
 from xft_jax.training.config_checks import check_train_config
-from xft_jax.training.workdir_lock import WorkdirLock
+from xft_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
 from xft_jax.training.metrics_log import RunLogger
-from xft_jax.training.step import (StepConfig, abstract_like, batch_shardings, jit_step,
+from xft_jax.training.step import (StepConfig, batch_shardings, jit_step,
                                    loss_and_sums, make_step_fn, opt_state_shardings)
 
 CONFIG_FILE = "config.json"
@@ -85,10 +86,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.prev)
 
 
-def _dtype(name):
-    return jnp.dtype(str(name))
-
-
 def save_config(config, workdir: str) -> None:
     """The resolved config (after overrides), atomically, by process 0."""
     if jax.process_index() != 0:
@@ -97,47 +94,14 @@ def save_config(config, workdir: str) -> None:
                       config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def make_mesh(config, devices=None):
-    """The run's mesh; ``mesh.num_devices`` > 0 uses only the first N devices (one
-    process only, e.g. to debug on part of a node)."""
-    m = config.mesh
-    n = int(m.get("num_devices", -1))
-    if devices is None and n > 0:
-        if jax.process_count() > 1:
-            raise ConfigValueError("mesh.num_devices is for single-process runs; leave it -1")
-        if n > jax.device_count():
-            raise ConfigValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices")
-        devices = jax.devices()[:n]
-    return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
-
-
-def _quantized(config) -> bool:
-    return bool(config.model.get("quantization", None))
-
-
-def load_base(config, base_path: str, mesh):
-    """The frozen base, placed on the mesh; quantised while read when
-    ``model.quantization`` is set (QLoRA, see ``xft_jax.quantization``)."""
-    mc = config.model
-    if _quantized(config):
-        from xft_jax import quantization
-        return quantization.load_base(config, base_path, mesh)
-    return hf_io.load_pretrained(
-        base_path, dtype=_dtype(mc.dtype), mesh=mesh,
-        compute_dtype=_dtype(mc.get("compute_dtype", None) or mc.dtype),
-        remat=str(mc.get("remat", "none")), attention_impl=mc.get("attention_impl", None))
-
-
 def step_config(config) -> StepConfig:
     t = config.train
-    return StepConfig(grad_accum=int(t.get("grad_accum", 1)),
-                      label_loss_weight=float(t.get("label_loss_weight", 1.0)),
-                      ce_chunk=int(t.get("ce_chunk", 256)))
+    return StepConfig(grad_accum=int(t.grad_accum), label_loss_weight=float(t.label_loss_weight),
+                      ce_chunk=int(t.ce_chunk))
 
 
 def _check_batch(config, scfg: StepConfig, mesh):
-    if (config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
-            and bool(config.data.get("pack", False))):
+    if config.model.attention_impl in attention.MASK_FREE_IMPLS and bool(config.data.pack):
         raise ConfigValueError(f"model.attention_impl={config.model.attention_impl!r} needs one "
                                f"example per row; data.pack=True packs several: set one of them "
                                f"differently (e.g. model.attention_impl=xla)")
@@ -166,7 +130,7 @@ def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
     before = set(os.listdir(workdir)) if existed else set()
     with WorkdirLock(workdir, hold=jax.process_index() == 0):
         ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
-                            int(config.train.get("keep_checkpoints", 3)))
+                            int(config.train.keep_checkpoints))
         try:
             return _train_in(config, workdir, devices, preempt, ckpts)
         except Exception as e:
@@ -182,8 +146,6 @@ def _remove_created(workdir: str, existed: bool, before: set) -> None:
     the workdir is removed (the workdir too, if it made it). Process 0 only."""
     if jax.process_index() != 0:
         return
-    from xft_jax.training.workdir_lock import LOCK_FILE
-
     for name in sorted(set(os.listdir(workdir)) - before - {LOCK_FILE}):
         path = os.path.join(workdir, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -206,10 +168,10 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     moved = [] if resumed_meta is None else run_identity.check_resume_config(
         resumed_meta.get("config"), json.loads(config.to_json_best_effort()), where)
     t = config.train
-    mesh = make_mesh(config, devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     scfg = step_config(config)
     _check_batch(config, scfg, mesh)
-    mask_free_attention = config.model.get("attention_impl", None) in attention.MASK_FREE_IMPLS
+    mask_free_attention = config.model.attention_impl in attention.MASK_FREE_IMPLS
 
     # The run key exists before any parameter; everything random derives from it.
     run_key = jax.random.key(int(t.seed))
@@ -225,11 +187,11 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
             f"{base_path}/config.json: vocab_size={base_cfg.vocab_size} is smaller than the "
             f"tokenizer's {len(tokenizer)} tokens ({base_model.tokenizer_path(config, base_path)}"
             f"): the tokenizer does not belong to this model; set config.model.tokenizer")
-    run_data = data_lib.build(config, tokenizer)
+    run_data = batches_lib.build(config, tokenizer)
     if latest is not None:
         run_identity.check_resume_data(resumed_meta.get("data"), run_data.info, where)
-    steps = data_lib.train_steps(t, run_data.train.stats.kept, int(config.data.batch_size))
-    model = load_base(config, base_path, mesh)
+    steps = batches_lib.train_steps(t, run_data.train.stats.kept, int(config.data.batch_size))
+    model = base_model.load_base(config.model, base_path, mesh)
     save_config(config, workdir)
     lcfg = lora_lib.LoRAConfig.from_config(config.lora)
     lora_lib.attach(model, lcfg, lora_key, mesh)
@@ -241,11 +203,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
     model.lora = None          # the loop owns the adapters from here on
 
     rep = NamedSharding(mesh, P())
-    if _quantized(config):
-        from xft_jax import quantization
-        base_sh = quantization.param_shardings(mesh, base)
-    else:
-        base_sh = sharding.param_shardings(mesh, base)
+    base_sh = partitioning.param_shardings(mesh, base)
     lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
     tx, schedule = optim.make_optimizer(config.optim, steps)
     opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
@@ -258,11 +216,8 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
 
     start = 0
     if latest is not None:
-        abstract = {"lora": abstract_like(lora, lora_sh),
-                    "opt_state": abstract_like(opt_state, opt_sh),
-                    "rng": abstract_like(rng, rep),
-                    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-        latest, state, data_state, old_meta = ckpts.restore_verified(abstract, set_aside=True)
+        latest, state, data_state, old_meta = ckpts.restore_verified(
+            abstract_state(lora, lora_sh, tx, opt_sh, mesh), set_aside=True)
         lora_lib.check_metadata(old_meta.get("lora", {}), model.config,
                                 f"{ckpts.directory}/{latest}")
         lora, opt_state, rng = state["lora"], state["opt_state"], state["rng"]
@@ -279,7 +234,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
 
     step_fn, eval_fn = _jitted(model.config, opts, scfg, mesh, lcfg, config.optim.to_json(),
                                steps, tx, lora_sh, opt_sh, base_sh)
-    every = {k: int(t.get(k, 0)) for k in ("log_every", "checkpoint_every", "eval_every")}
+    every = {k: int(t[k]) for k in ("log_every", "checkpoint_every", "eval_every")}
     logger = RunLogger(workdir, steps, start)
     if start:
         logger.write(f"resumed from {ckpts.directory}/{start}")
@@ -291,12 +246,12 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
                  f"examples encoded ({enc.truncated} with their context cut, {enc.dropped} "
                  f"dropped as longer than data.max_len={config.data.max_len}; every prompt "
                  f"leaves {enc.target_room} target tokens, the "
-                 f"{config.data.get('prompt_room_percentile', None) or 'default'} percentile "
+                 f"{config.data.prompt_room_percentile or 'default'} percentile "
                  f"of the training split's longest target of {', '.join(enc.prompt_room)}; "
                  f"{enc.target_cut} training targets lost their tail to it); "
                  f"{run_data.info['num_validation']} validation examples; {steps} steps ("
-                 + ("train.steps" if t.get("steps", None) is not None else
-                    f"{t.get('epochs')} epochs at data.batch_size={config.data.batch_size}")
+                 + ("train.steps" if t.steps is not None else
+                    f"{t.epochs} epochs at data.batch_size={config.data.batch_size}")
                  + ")")
     if enc.dropped > 0.1 * enc.total:
         logger.write(f"WARNING: {enc.dropped} of {enc.total} training examples do not fit "
@@ -319,7 +274,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
             batch = next(it)
             if mask_free_attention:
                 attention.check_right_padded(batch["segment_ids"], f"training batch {step}")
-            gbatch = data_lib.to_global(mesh, batch)
+            gbatch = batches_lib.to_global(mesh, batch)
             new_lora, new_opt, m = step_fn(lora, opt_state, base, gbatch, rng,
                                            jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -331,7 +286,7 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
                     f"Lower optim.lr, check the data, or raise optim.clip_norm.")
             lora, opt_state = new_lora, new_opt
             step += 1
-            tokens += data_lib.real_tokens(batch)
+            tokens += batches_lib.real_tokens(batch)
             now = time.perf_counter()
             m["lr"] = float(schedule(step - 1))
             m["tokens_per_sec"] = tokens / max(now - t0, 1e-9)
@@ -340,9 +295,9 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
                 step % every["eval_every"] == 0 or step == steps))
             if validated:
                 m.update(evaluate(eval_fn, lora, base, run_data, mesh,
-                                  config.train.get("eval_batches", None)))
+                                  config.train.eval_batches))
                 v = validate(score_fn, lora, base, run_data, mesh, int(config.data.batch_size),
-                             config.train.get("eval_batches", None))
+                             config.train.eval_batches)
                 m.update(val_accuracy=v["accuracy"], val_nll=v["nll"])
                 if curve.add(step, **v):
                     ckpts.protect(step)
@@ -398,7 +353,7 @@ def validate(score_fn, lora, base, run_data, mesh, batch_size: int,
              max_batches=None) -> dict:
     """Rating accuracy on the validation split, read as the final evaluation reads test:
     the argmax over the five label tokens at the label position."""
-    batches = data_lib.eval_batches(run_data, max_batches)
+    batches = batches_lib.eval_batches(run_data, max_batches)
     res = scoring.collect(scoring.score_batches(score_fn, base, lora, batches,
                                                 batch_size, mesh))
     acc, nll = selection.rating_accuracy(res["label"], res["log_probs"])
@@ -409,8 +364,8 @@ def evaluate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
     """Teacher-forced eval on the validation split: loss, label loss and label accuracy
     (argmax over the whole vocabulary)."""
     total = None
-    for batch in data_lib.eval_batches(run_data, max_batches):
-        s = jax.device_get(eval_fn(lora, base, data_lib.to_global(mesh, batch)))
+    for batch in batches_lib.eval_batches(run_data, max_batches):
+        s = jax.device_get(eval_fn(lora, base, batches_lib.to_global(mesh, batch)))
         total = s if total is None else {k: total[k] + s[k] for k in s}
     if total is None:
         return {}

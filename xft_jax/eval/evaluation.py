@@ -11,32 +11,37 @@ given; a run that recorded no validation curve, at its latest checkpoint.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
-import math
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xft_jax import atomic, config_defaults
+from xft_jax import lora as lora_lib
+from xft_jax import sharding
+from xft_jax.data import pipeline
+from xft_jax.data.encode import ROOM_PERCENTILE, run_target_room
+from xft_jax.data.splits import VALIDATION_FRACTION, build_splits
+from xft_jax.data.targets import PAPER_VARIANTS, explanation_vocab, prompt_room
 from xft_jax.errors import ConfigValueError
-from xft_jax.atomic import write_text as atomic_write
-from xft_jax import console, generation, metrics, scoring, sharding
-from xft_jax.data.encode import ROOM_PERCENTILE
-from xft_jax.data.splits import VALIDATION_FRACTION
-from xft_jax.data.targets import PAPER_VARIANTS
+from xft_jax import console
+from xft_jax.eval import batching, metrics, outputs, scoring
+from xft_jax.models import generation
+from xft_jax.models.tokenizer import load_tokenizer
+from xft_jax.quantization import QuantConfig
+from xft_jax.training import selection
+from xft_jax.training.base_model import load_base, tokenizer_path
+from xft_jax.training.restore import load_trained
 
-# Used only when neither the eval config nor a training run says (configs/common.py).
+# Used only when neither the eval config nor a training run says (config_defaults).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
                  "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS,
-                 "validation_fraction": VALIDATION_FRACTION, "prompt_room_percentile": ROOM_PERCENTILE,
-                 "chat_template": False}
+                 "validation_fraction": VALIDATION_FRACTION,
+                 "prompt_room_percentile": ROOM_PERCENTILE, "chat_template": False}
 SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
 DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
              "num_synthetic", "prompt_room", "validation_fraction", "prompt_room_percentile",
@@ -52,28 +57,18 @@ class Loaded:
     info: dict                      # what was loaded, for metrics.json
 
 
-def make_mesh(config):
-    m = config.mesh
-    return sharding.create_mesh(int(m.data), int(m.fsdp), int(m.tensor))
-
-
 def load_model(mc, mesh) -> Loaded:
     """The model named by ``config.model`` (see module doc), placed on ``mesh``."""
-    from xft_jax.models import hf_io, load_tokenizer
-
     if bool(mc.workdir) == bool(mc.path):
         raise ConfigValueError("set exactly one of config.model.workdir (a training run) and "
                                "config.model.path (an HF base or merged checkpoint)")
     if mc.workdir:
-        from xft_jax.training.base_model import tokenizer_path
-        from xft_jax.training.restore import load_trained
-
         if mc.adapter:
             raise ConfigValueError("config.model.adapter is for config.model.path, not a workdir")
         step, chosen = checkpoint_step(mc.workdir, mc.step)
         model, meta, step = load_trained(mc.workdir, step, dtype=mc.dtype or None,
                                          mesh=mesh)
-        run = ml_collections.ConfigDict(meta["config"])
+        run = config_defaults.with_defaults(meta["config"])
         base = meta["lora"]["base_model_path"]
         tok = mc.tokenizer or tokenizer_path(run, base)
         info = {"kind": "workdir", "workdir": os.path.abspath(mc.workdir), "step": int(step),
@@ -81,18 +76,10 @@ def load_model(mc, mesh) -> Loaded:
                 "lora": {k: meta["lora"].get(k) for k in ("rank", "alpha", "targets",
                                                           "rslora")}}
         return Loaded(model, load_tokenizer(tok), run, info)
-    from xft_jax.quantization import QuantConfig
-
-    dtype = jnp.dtype(mc.dtype or "float32")
-    quant = QuantConfig.from_config(mc)
-    model = hf_io.load_pretrained(mc.path, dtype=dtype, mesh=mesh,
-                                  compute_dtype=jnp.dtype(mc.compute_dtype or dtype),
-                                  quantization=quant)
+    model = load_base(mc, mc.path, mesh, inference=True)
     info = {"kind": "merged_or_base", "path": os.path.abspath(mc.path),
-            "quantization": quant.kind}
+            "quantization": QuantConfig.from_config(mc).kind}
     if mc.adapter:
-        from xft_jax import lora as lora_lib
-
         lora_lib.load_peft_adapter(model, mc.adapter, mesh)
         info.update(kind="base+adapter", adapter=os.path.abspath(mc.adapter))
     return Loaded(model, load_tokenizer(mc.tokenizer or mc.path), None, info)
@@ -101,8 +88,6 @@ def load_model(mc, mesh) -> Loaded:
 def checkpoint_step(workdir: str, step: int | None) -> tuple[int | None, str]:
     """(step to load, how it was chosen): the given step, else the run's best-validation
     step, else its latest (None) when it recorded no validation curve."""
-    from xft_jax.training import selection
-
     if step is not None:
         return int(step), "config.model.step"
     best = selection.selected_step(workdir)
@@ -116,14 +101,14 @@ def resolve_data(dc, run_config) -> ml_collections.ConfigDict:
     run = run_config.data if run_config is not None else None
     out = ml_collections.ConfigDict()
     for k in DATA_KEYS:
-        v = dc.get(k, None)
+        v = dc[k]
         if v in (None, ""):
-            v = run.get(k, None) if run is not None else None
+            v = run[k] if run is not None else None
         if v in (None, "") and k in DATA_DEFAULTS:
             v = DATA_DEFAULTS[k]
         out[k] = v
-    out.split = dc.get("split", "test")
-    out.max_examples = dc.get("max_examples", None)
+    out.split = dc.split
+    out.max_examples = dc.max_examples
     return out
 
 
@@ -136,9 +121,6 @@ def eval_batches(d, tokenizer, batch_size: int):
     examples), so runs of different variants would be scored on different inputs. The
     prompt is cut as in training (``data.prompt_room``, the run's own by default), so an
     example is scored on the prompt the run would have trained on."""
-    from xft_jax.data import pipeline
-    from xft_jax.training.data import build_splits, explanation_vocab, prompt_room, target_room
-
     if d.split not in SPLITS:
         raise ConfigValueError(f"config.data.split={d.split!r}: expected one of {SPLITS}")
     splits = build_splits(d)
@@ -147,7 +129,7 @@ def eval_batches(d, tokenizer, batch_size: int):
         raise ConfigValueError(f"{splits.origin}: the {d.split} split is empty")
     room = prompt_room(d)
     vocab = explanation_vocab(splits, d.axis, (d.target, *room))
-    troom = target_room(d, splits, tokenizer, vocab)
+    troom = run_target_room(d, splits, tokenizer, vocab)
     batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), prompt_room=room, vocab=vocab,
@@ -205,88 +187,36 @@ def generate(loaded: Loaded, batches, batch_size: int, mesh, ec) -> dict[str, di
         pad_id=pad, mesh=mesh)
     params, lora = m.params(), m.lora_params()
     key = jax.random.key(int(ec.seed))
-    out: dict[str, dict] = {}
-    seen = 0
-    for i, batch in enumerate(batches):
-        padded, n = scoring.pad_batch(batch, batch_size)
-        rows = scoring.real_rows(batch, n)
-        if rows.size == 0:
-            continue
+
+    def prompts(padded):
         ids_, seg, lp = (np.asarray(padded[k]) for k in ("input_ids", "segment_ids",
                                                            "label_pos"))
-        prompts = [ids_[b, :lp[b] + 1][seg[b, :lp[b] + 1] > 0] for b in range(batch_size)]
-        pids, pmask = generation.left_pad(prompts, pad, length=ids_.shape[1])
-        feed = {"input_ids": pids, "attention_mask": pmask}
-        dev = scoring.device_put_batch(feed, mesh, keys=("input_ids", "attention_mask"))
-        res = jax.device_get(fn(params, lora, dev["input_ids"], dev["attention_mask"],
-                                jax.random.fold_in(key, i)))
+        rows = [ids_[b, :lp[b] + 1][seg[b, :lp[b] + 1] > 0] for b in range(batch_size)]
+        pids, pmask = generation.left_pad(rows, pad, length=ids_.shape[1])
+        return {"input_ids": pids, "attention_mask": pmask}
+
+    def run(dev, i):
+        return fn(params, lora, dev["input_ids"], dev["attention_mask"],
+                  jax.random.fold_in(key, i))
+
+    out: dict[str, dict] = {}
+    for names, rows, _, res in batching.map_batches(
+            run, batches, batch_size, mesh, keys=("input_ids", "attention_mask"),
+            names=batches.example_ids, feed=prompts):
         toks, lengths = np.asarray(res["tokens"]), np.asarray(res["lengths"])
-        names = scoring.example_ids(batch, rows, seen, batches.example_ids)
         for name, b in zip(names, rows):
             text = tok.decode(toks[b, :lengths[b]].tolist(), skip_special_tokens=True)
             out[name] = {"text": text, "label": generation.parse_label(text)}
-        seen += rows.size
     return out
-
-
-def generation_summary(res: dict, gen: dict[str, dict]) -> dict:
-    pred = res["log_probs"].argmax(1) + 1
-    gold = res["label"] + 1
-    parsed = [gen[i]["label"] for i in res["id"]]
-    ok = np.array([p is not None for p in parsed])
-    p = np.array([x if x is not None else -1 for x in parsed])
-    n = len(parsed)
-    return {"n": n, "parse_rate": float(ok.mean()),
-            "agreement_with_scored": float(np.mean(p == pred)),
-            "agreement_with_scored_when_parsed": float(np.mean(p[ok] == pred[ok])) if ok.any()
-            else None,
-            "accuracy": float(np.mean(p == gold))}
-
-
-def _clean(x):
-    """JSON-safe: NaN/inf -> None, numpy -> python."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def write_json(path: str, obj) -> None:
-    atomic_write(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
-
-
-def predictions_csv(res: dict, gen: dict | None = None) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    head = ["id", "gold", "predicted"] + [f"p{k}" for k in range(1, 6)]
-    if gen is not None:
-        head += ["generated_label", "generated_text"]
-    w.writerow(head)
-    probs = np.exp(res["log_probs"])
-    for i, name in enumerate(res["id"]):
-        row = [name, int(res["label"][i]) + 1, int(probs[i].argmax()) + 1]
-        row += [f"{p:.6g}" for p in probs[i]]
-        if gen is not None:
-            g = gen[name]
-            row += ["" if g["label"] is None else g["label"], g["text"]]
-        w.writerow(row)
-    return buf.getvalue()
 
 
 def run_evaluation(config, out_dir: str) -> dict:
     """Loads, scores (and optionally generates), writes ``metrics.json`` and
     ``predictions.csv`` under ``out_dir`` (process 0 only); returns the metrics doc."""
-    mesh = make_mesh(config)
+    mesh = sharding.mesh_from_config(config.mesh)
     loaded = load_model(config.model, mesh)
     d = resolve_data(config.data, loaded.run_config)
-    bs = scoring.batch_size_for(mesh, int(config.eval.batch_size))
+    bs = batching.batch_size_for(mesh, int(config.eval.batch_size))
     batches, data_info = eval_batches(d, loaded.tokenizer, bs)
     res, timing = score(loaded, batches, bs, mesh)
     doc = {"metrics": metrics.rating_metrics(res["label"], np.exp(res["log_probs"])),
@@ -297,11 +227,12 @@ def run_evaluation(config, out_dir: str) -> dict:
     if config.eval.generate:
         t0 = time.perf_counter()
         gen = generate(loaded, batches, bs, mesh, config.eval)
-        doc["generation"] = generation_summary(res, gen)
+        doc["generation"] = outputs.generation_summary(res, gen)
         doc["generation"].update(
             wall_s=time.perf_counter() - t0, max_new_tokens=int(config.eval.max_new_tokens),
             temperature=float(config.eval.temperature), top_p=float(config.eval.top_p))
     if jax.process_index() == 0:
-        write_json(os.path.join(out_dir, "metrics.json"), doc)
-        atomic_write(os.path.join(out_dir, "predictions.csv"), predictions_csv(res, gen))
+        atomic.write_json(os.path.join(out_dir, "metrics.json"), doc, sort_keys=True)
+        atomic.write_text(os.path.join(out_dir, "predictions.csv"),
+                          outputs.predictions_csv(res, gen))
     return doc

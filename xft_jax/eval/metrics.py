@@ -14,7 +14,8 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-NUM_LABELS = 5
+from xft_jax.data.schema import NUM_LABELS
+
 ECE_BINS = 15
 
 

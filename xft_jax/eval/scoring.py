@@ -6,9 +6,8 @@ final-normed hidden state at that one position and multiply it by the five head 
 no [B,T,V] (nor even [B,V]) logits are built, which is what makes a 32k-vocab eval cheap
 (transformers #12878 is the trap this avoids).
 
-``score_batches`` runs a jitted, mesh-sharded scorer over any iterable of eval batches,
-padding the last partial batch to the compiled shape and dropping the padding again, so
-each example is counted exactly once.
+``score_batches`` runs a jitted, mesh-sharded scorer over any iterable of eval batches
+(``batching.map_batches``), so each example is counted exactly once.
 """
 
 from __future__ import annotations
@@ -20,15 +19,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from xft_jax import sharding
+from xft_jax.data.schema import NUM_LABELS
+from xft_jax.eval.batching import map_batches, replicated_jit
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import ForwardOptions, as_dense, forward
-
-NUM_LABELS = 5
-# Keys of the batch contract that the scorer feeds to the device ([B,T] or [B]).
-DEVICE_KEYS = ("input_ids", "segment_ids", "positions", "label_pos", "label")
 
 
 def head_columns(params: dict, cfg: ModelConfig, token_ids, dtype) -> jax.Array:
@@ -94,88 +91,17 @@ def _score_fn(cfg, opts, label_ids, mesh):
     return replicated_jit(fn, mesh)
 
 
-# ------------------------------------------------------------------------ batching
-def pad_batch(batch: dict, size: int) -> tuple[dict, int]:
-    """Pads every [B,...] array to ``size`` rows by repeating row 0; returns (batch, n)."""
-    n = int(np.asarray(batch["input_ids"]).shape[0])
-    if n > size:
-        raise ValueError(f"batch of {n} rows exceeds the compiled batch size {size}")
-    if n == size:
-        return batch, n
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if v.ndim and v.shape[0] == n:
-            v = np.concatenate([v, np.repeat(v[:1], size - n, axis=0)], axis=0)
-        out[k] = v
-    return out, n
-
-
-def device_put_batch(batch: dict, mesh: Mesh | None, keys=DEVICE_KEYS) -> dict:
-    """Device arrays of a host's *global* batch (every process holds the same rows, as the
-    eval pipeline with process_count=1 gives them): on a mesh each process feeds its own
-    slice and the arrays are sharded over ('data','fsdp') on the batch dim."""
-    if mesh is None:
-        return {k: jnp.asarray(np.asarray(batch[k])) for k in keys}
-    b = int(np.asarray(batch["input_ids"]).shape[0])
-    rows = sharding.process_batch_slice(mesh, b)
-    local = {k: np.asarray(batch[k])[rows] for k in keys}
-    return sharding.make_global_batch(mesh, local, global_batch_size=b)
-
-
-def replicated_jit(fn: Callable, mesh: Mesh | None) -> Callable:
-    """jit whose outputs are replicated, so every process can read all of them."""
-    if mesh is None:
-        return jax.jit(fn)
-    return jax.jit(fn, out_shardings=NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-def batch_size_for(mesh: Mesh | None, requested: int) -> int:
-    """``requested`` rounded up to a multiple of the mesh's batch-parallel size."""
-    if mesh is None:
-        return requested
-    par = mesh.shape["data"] * mesh.shape["fsdp"]
-    return -(-requested // par) * par
-
-
-def real_rows(batch: dict, n: int) -> np.ndarray:
-    """Indices of the real examples among the first ``n`` rows (the pipeline marks its
-    padding rows with ``valid = 0``)."""
-    if "valid" in batch:
-        return np.flatnonzero(np.asarray(batch["valid"])[:n] > 0)
-    return np.arange(n)
-
-
-def example_ids(batch: dict, rows: np.ndarray, start: int,
-                names: Sequence[str] | None = None) -> list[str]:
-    """Ids of ``rows``: ``names[example_index]`` for pipeline batches, else ``batch['id']``,
-    else the running example number."""
-    if "example_index" in batch and names is not None:
-        return [str(names[int(i)]) for i in np.asarray(batch["example_index"])[rows]]
-    if "id" in batch:
-        return [str(x) for x in np.asarray(batch["id"])[rows]]
-    return [str(start + i) for i in range(len(rows))]
-
-
 def score_batches(score_fn: Callable, params, lora, batches: Iterable[dict], batch_size: int,
                   mesh: Mesh | None = None, names: Sequence[str] | None = None
                   ) -> Iterator[dict]:
     """Yields per-batch host results {'id', 'label', 'log_probs'} for real rows only.
 
-    A batch may have at most ``batch_size`` rows; short ones are padded to it so the
-    function compiles once, and the pipeline's ``valid = 0`` rows are dropped, so every
-    example is counted exactly once.
+    A batch may have at most ``batch_size`` rows (see ``batching.map_batches``).
     """
-    seen = 0
-    for batch in batches:
-        padded, n = pad_batch(batch, batch_size)
-        rows = real_rows(batch, n)
-        if rows.size == 0:
-            continue
-        logp = np.asarray(jax.device_get(score_fn(params, lora, device_put_batch(padded, mesh))))
-        yield {"id": example_ids(batch, rows, seen, names),
-               "label": np.asarray(batch["label"])[rows], "log_probs": logp[rows]}
-        seen += rows.size
+    for ids, rows, batch, logp in map_batches(lambda dev, _: score_fn(params, lora, dev),
+                                              batches, batch_size, mesh, names=names):
+        yield {"id": ids, "label": np.asarray(batch["label"])[rows],
+               "log_probs": np.asarray(logp)[rows]}
 
 
 def collect(results: Iterable[dict], order: Sequence[str] | None = None) -> dict[str, Any]:
@@ -197,6 +123,5 @@ def collect(results: Iterable[dict], order: Sequence[str] | None = None) -> dict
     return {"id": ids, "label": label, "log_probs": log_probs}
 
 
-__all__ = ["NUM_LABELS", "head_columns", "label_logits", "label_log_probs", "make_score_fn",
-           "score_batches", "collect", "pad_batch", "device_put_batch", "batch_size_for",
-           "check_label_ids", "real_rows", "example_ids", "replicated_jit"]
+__all__ = ["head_columns", "label_logits", "label_log_probs", "make_score_fn",
+           "score_batches", "collect", "check_label_ids"]

@@ -12,13 +12,15 @@ we keep only a handful of numbers per example, so the device never holds [L,B,T,
   over the five label tokens, ``lens_label_mass`` (probability mass on the five),
   ``lens_gold_prob`` (full-vocab probability of the gold label token) and
   ``lens_gold_prob_labels`` (its probability renormalised over the five);
-* ``attn_entropy``: attention entropy at ``label_pos``, mean over heads (from the
-  decoder; layer 0 has no attention and is NaN).
+* ``attn_entropy``: attention entropy at ``label_pos``, mean over heads (computed inside
+  each layer through the decoder's ``attention_reduce`` hook; layer 0 has no attention
+  and is NaN).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable, Sequence
 
@@ -29,8 +31,8 @@ import numpy as np
 from xft_jax import sharding
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import ForwardOptions, as_dense, forward, rms_norm
-from xft_jax.scoring import (DEVICE_KEYS, check_label_ids, device_put_batch, head_columns,
-                             pad_batch, real_rows, replicated_jit)
+from xft_jax.eval.batching import map_batches, replicated_jit
+from xft_jax.eval.scoring import check_label_ids, head_columns
 
 METRICS = ("act_entropy", "act_entropy_prompt", "lens_entropy", "lens_label_entropy",
            "lens_label_mass", "lens_gold_prob", "lens_gold_prob_labels", "attn_entropy")
@@ -42,6 +44,22 @@ def energy_entropy(h) -> jax.Array:
     e = h * h
     p = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+
+def attention_entropy(q, k, mask, *, probe_pos):
+    """Entropy (nats) of the attention distribution of the query at ``probe_pos`` [B],
+    mean over heads: one query row per example, never a [B,H,T,T] tensor. q [B,T,H,hd],
+    k [B,S,KVH,hd], mask [B,1,T,S] as the decoder's ``attention_reduce`` hook gets them."""
+    b, _, heads, head_dim = q.shape
+    rows = jnp.arange(b)
+    qp = q[rows, probe_pos].astype(jnp.float32)                      # [B,H,hd]
+    kk = jnp.repeat(k.astype(jnp.float32), heads // k.shape[2], axis=2)   # [B,S,H,hd]
+    logits = jnp.einsum("bhd,bshd->bhs", qp, kk) / math.sqrt(head_dim)
+    m = mask[rows, 0, probe_pos]                                      # [B,S]
+    logits = jnp.where(m[:, None, :], logits, -jnp.inf)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ent = -jnp.sum(jnp.where(m[:, None, :], jnp.exp(logp) * logp, 0.0), axis=-1)
+    return ent.mean(axis=-1)
 
 
 def _head_slice(params, cfg: ModelConfig, start, size: int, dtype):
@@ -125,11 +143,12 @@ def probe_forward(params, cfg: ModelConfig, batch: dict, label_ids: Sequence[int
     out = forward(params, cfg, batch["input_ids"], segment_ids=seg,
                   positions=batch.get("positions"), opts=opts, lora=lora,
                   output_positions=label_pos[:, None], output="hidden",
-                  layer_reduce=reduce, probe_pos=label_pos)
+                  layer_reduce=reduce,
+                  attention_reduce=functools.partial(attention_entropy, probe_pos=label_pos))
     stats = dict(out["layers"])
     b = label_pos.shape[0]
     stats["attn_entropy"] = jnp.concatenate(
-        [jnp.full((1, b), jnp.nan, jnp.float32), out["attn_entropy"].astype(jnp.float32)], 0)
+        [jnp.full((1, b), jnp.nan, jnp.float32), out["attention"].astype(jnp.float32)], 0)
     logits = jnp.einsum("bd,dk->bk", out["hidden"][:, 0],
                         head_columns(params, cfg, label_ids, opts.dtype),
                         preferred_element_type=jnp.float32)
@@ -160,13 +179,8 @@ def run_probe(probe_fn: Callable, params, lora, batches, batch_size: int, mesh=N
     """Per-example probe values over a dataset: {metric: [L+1, N]}, 'label' [N],
     'log_probs' [N,5]; padding of the last batch removed."""
     parts: dict[str, list] = {}
-    for batch in batches:
-        padded, n = pad_batch(batch, batch_size)
-        rows = real_rows(batch, n)
-        if rows.size == 0:
-            continue
-        out = jax.device_get(probe_fn(params, lora, device_put_batch(padded, mesh,
-                                                                     DEVICE_KEYS)))
+    for _, rows, batch, out in map_batches(lambda dev, _: probe_fn(params, lora, dev),
+                                           batches, batch_size, mesh):
         for k, v in out.items():
             v = np.asarray(v)
             parts.setdefault(k, []).append(v[rows] if k == "log_probs" else v[:, rows])
