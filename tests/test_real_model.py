@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from xft_jax import models, quantization
+from xft_jax import config_defaults, models, quantization
 
 SENTENCES = [
     "The capital of France is Paris, which is also its largest city.",
@@ -286,7 +286,6 @@ def test_nf4_of_real_weights_stays_close_to_bf16(gguf_path, batch):
 
 # ------------------------------------------------------------------ LoRA
 def test_lora_steps_on_real_model_and_peft_export(converted, batch, tmp_path):
-    import ml_collections
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -300,8 +299,10 @@ def test_lora_steps_on_real_model_and_peft_export(converted, batch, tmp_path):
     model = models.load_pretrained(converted, mesh=mesh)
     lcfg = lora_lib.LoRAConfig(rank=8, alpha=16, targets=("q_proj", "v_proj", "down_proj"))
     lora_lib.attach(model, lcfg, jax.random.key(0), mesh)
-    tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(
-        lr=2e-3, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=1.0)), 4)
+    optim_cfg = config_defaults.base_config().optim
+    optim_cfg.update(dict(lr=2e-3, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                          clip_norm=1.0))
+    tx, _ = optim.make_optimizer(optim_cfg, 4)
     lora, base = model.lora_params(), model.params()
     lora_sh = lora_lib.lora_shardings(model.config, lcfg, mesh)
     opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)

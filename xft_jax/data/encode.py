@@ -31,7 +31,6 @@ from typing import Sequence
 import numpy as np
 
 from xft_jax.data import rubrics
-from xft_jax.data.readers import DataError
 from xft_jax.data.schema import RatedExample, check_axis
 from xft_jax.data.targets import (LABEL_PREFIX, TARGET_VARIANTS, ExplanationVocab,
                                   make_target, prompt_room)
@@ -136,13 +135,10 @@ class Encoder:
         self.prompt_room = tuple(dict.fromkeys(v for v in prompt_room if v != variant))
         self.label_ids = label_token_ids(tokenizer)
         self.prefix_ids = tokenizer(LABEL_PREFIX + "1", add_special_tokens=False)["input_ids"][:-1]
-        if target_room is not None and int(target_room) <= len(self.prefix_ids):
+        if target_room is not None and not len(self.prefix_ids) < int(target_room) < max_len:
             raise ValueError(f"target_room={target_room}: must leave room for the label "
-                             f"({len(self.prefix_ids) + 1} tokens)")
-        if target_room is not None and int(target_room) >= max_len:
-            raise DataError(f"no prompt fits max_len={max_len} beside the target room of "
-                            f"{target_room} tokens (the label alone needs "
-                            f"{len(self.prefix_ids) + 1}): raise data.max_len")
+                             f"({len(self.prefix_ids) + 1} tokens) and be below "
+                             f"max_len={max_len}")
         self.target_room = None if target_room is None else int(target_room)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no eos token; targets must end with one")
