@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 FAMILIES = ("llama", "llama31", "mistral", "qwen2", "llama_head_dim")
 
@@ -65,3 +69,33 @@ def load_hf_model(path: str):
 
     return transformers.AutoModelForCausalLM.from_pretrained(
         path, torch_dtype="float32", trust_remote_code=False).eval()
+
+
+# A fresh interpreter loads a checkpoint and reports its resident-memory peak above the
+# baseline taken after JAX's first computation, and the loaded parameters' size.
+_MEASURE_LOAD = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from xft_jax import models
+    jax.numpy.ones(4).block_until_ready()
+    # Reset the high-water mark so import-time spikes do not hide the load's own peak.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with open("/proc/self/status") as f:
+        base = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:")][0]
+    model = models.load_pretrained(sys.argv[1], dtype=jnp.dtype(sys.argv[2]))
+    jax.block_until_ready(model.params())
+    size = sum(x.nbytes for x in jax.tree.leaves(model.params()))
+    # VmHWM, not ru_maxrss: the latter keeps the pre-reset peak of threads that exited.
+    with open("/proc/self/status") as f:
+        peak = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
+    print(json.dumps({"base": base, "peak": peak, "size": size}))
+""")
+
+
+def load_peak_rss(path: str, dtype: str = "float32") -> dict:
+    """{'base', 'peak', 'size'} in bytes for ``models.load_pretrained(path, dtype)``."""
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, str(path), dtype],
+                         capture_output=True, text=True, timeout=300, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

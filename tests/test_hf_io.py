@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.hf_fixtures import load_hf_model, make_hf_checkpoint
+from tests.hf_fixtures import load_hf_model, load_peak_rss, make_hf_checkpoint
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -239,25 +239,6 @@ def test_tokenizer_loads_real_mistral_vocabulary(mistral_tokenizer_dir):
 
 
 # ------------------------------------------------------------------ host memory
-MEASURE = textwrap.dedent("""
-    import json, sys
-    import jax, jax.numpy as jnp
-    from xft_jax import models
-    jax.numpy.ones(4).block_until_ready()
-    # Reset the high-water mark so import-time spikes do not hide the load's own peak.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    with open("/proc/self/status") as f:
-        base = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:")][0]
-    model = models.load_pretrained(sys.argv[1])
-    jax.block_until_ready(model.params())
-    # VmHWM, not ru_maxrss: the latter keeps the pre-reset peak of threads that exited.
-    with open("/proc/self/status") as f:
-        peak = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
-    print(json.dumps({"base": base, "peak": peak}))
-""")
-
-
 def test_peak_host_memory_while_loading(tmp_path):
     """A Mistral-shaped checkpoint (GQA 4:1, mlp 3.5x) of ~400 MB fp32 loads with a peak
     of at most 1.3x its size above the interpreter's baseline."""
@@ -276,10 +257,7 @@ def test_peak_host_memory_while_loading(tmp_path):
     size = sum(t.nbytes for t in tensors.values())
     save_file(tensors, str(path / "model.safetensors"))
     del tensors
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True,
-                         text=True, timeout=300, env=env, check=True)
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    m = load_peak_rss(str(path))
     ratio = (m["peak"] - m["base"]) / size
     print(f"checkpoint {size / 1e6:.0f} MB, base {m['base'] / 1e6:.0f} MB, "
           f"peak {m['peak'] / 1e6:.0f} MB, peak above baseline {ratio:.3f} x")

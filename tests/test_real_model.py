@@ -5,11 +5,7 @@ label tokens, NF4 of real weights, LoRA training with a PEFT export, the probe, 
 host memory of a load. One model of each kind is loaded per module."""
 
 import copy
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.hf_fixtures import load_peak_rss
 from xft_jax import config_defaults, models, quantization
 
 SENTENCES = [
@@ -366,31 +363,10 @@ def test_probe_on_real_model_writes_plots(converted, tmp_path):
 
 
 # ------------------------------------------------------------------ host memory
-MEASURE = textwrap.dedent("""
-    import json, sys
-    import jax, jax.numpy as jnp
-    from xft_jax import models
-    jax.numpy.ones(4).block_until_ready()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    with open("/proc/self/status") as f:
-        base = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:")][0]
-    model = models.load_pretrained(sys.argv[1], dtype=jnp.dtype(sys.argv[2]))
-    jax.block_until_ready(model.params())
-    size = sum(x.nbytes for x in jax.tree.leaves(model.params()))
-    with open("/proc/self/status") as f:
-        peak = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
-    print(json.dumps({"base": base, "peak": peak, "size": size}))
-""")
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_host_memory_while_loading(gguf_path, dtype):
     """Peak extra RSS of a GGUF load <= 1.5x the dequantised model in the load dtype."""
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", MEASURE, gguf_path, dtype],
-                         capture_output=True, text=True, timeout=300, env=env, check=True)
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    m = load_peak_rss(gguf_path, dtype)
     ratio = (m["peak"] - m["base"]) / m["size"]
     print(f"{dtype}: model {m['size'] / 1e6:.0f} MB, peak above baseline "
           f"{(m['peak'] - m['base']) / 1e6:.0f} MB = {ratio:.3f} x")

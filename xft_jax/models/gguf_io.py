@@ -11,7 +11,6 @@ holds at most one dequantised tensor; its pages of the file are dropped once it 
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable
 
@@ -19,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from xft_jax import sharding
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import LINEAR_NAMES, Decoder
+from xft_jax.models.layer_stacking import layer_sharding, put_layer, set_state_leaf
 from xft_jax.models.partitioning import leaf_axes
 from xft_jax.models.gguf_file import GGUFFile, GGUFFormatError, TensorInfo
 from xft_jax.errors import UserError
@@ -235,36 +235,6 @@ def check_tensors(reader, cfg: ModelConfig, leaves, path: str) -> dict:
 
 
 # ------------------------------------------------------------------------ loading
-def _layer_shard(shard, ndim: int):
-    """The sharding of one layer of a stacked leaf (the leading layer axis dropped)."""
-    if isinstance(shard, NamedSharding):
-        spec = tuple(shard.spec) + (None,) * (ndim - len(shard.spec))
-        return NamedSharding(shard.mesh, P(*spec[1:]))
-    return shard
-
-
-def _stacked_shard(s):
-    return NamedSharding(s.mesh, P(None, *s.spec)) if isinstance(s, NamedSharding) else s
-
-
-@functools.lru_cache(maxsize=64)     # leaves of one shape share a compiled program
-def _stack_starter(n: int, tree, shards: tuple):
-    return jax.jit(functools.partial(_start_stack, n=n),
-                   out_shardings=jax.tree.unflatten(tree, shards))
-
-
-def _start_stack(layer, i, n: int):
-    return jax.tree.map(
-        lambda x: jax.lax.dynamic_update_index_in_dim(jnp.zeros((n,) + x.shape, x.dtype),
-                                                      x, i, 0), layer)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, layer, i):
-    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0),
-                        stacked, layer)
-
-
 def _host_tensor(reader: GGUFFile, t: TensorInfo, leaf: str, cfg: ModelConfig, arch: str,
                  np_dtype) -> np.ndarray:
     """One tensor in our layout and the load dtype, on the host."""
@@ -313,7 +283,7 @@ def load_gguf(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             loaded[keys] = arr if transform is None else transform(keys, arr)
             jax.block_until_ready(loaded[keys])
             continue
-        layer_shard = _layer_shard(shard, len(shape))
+        layer_shard = layer_sharding(shard, len(shape))
         for i in range(shape[0]):
             host = _host_tensor(reader, tensors[gguf_name(keys, i)], leaf, cfg, arch,
                                 np_dtype)
@@ -321,28 +291,12 @@ def load_gguf(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
             del host
             out = arr if transform is None else transform(keys, arr)
             del arr
-            if keys not in loaded:
-                shards = jax.tree.map(lambda x: _stacked_shard(x.sharding), out)
-                flat, tree = jax.tree.flatten(shards)
-                loaded[keys] = _stack_starter(shape[0], tree, tuple(flat))(out, i)
-            else:
-                loaded[keys] = _set_layer(loaded[keys], out, i)
+            loaded[keys] = put_layer(loaded.get(keys), out, i, shape[0])
             del out
             jax.block_until_ready(loaded[keys])   # frees this layer's staging copy
     for p, keys, _ in leaves:
-        _set_path(state, p, loaded[keys])
+        set_state_leaf(state, p, loaded[keys])
     return nnx.merge(graphdef, state)
-
-
-def _set_path(state, path, value):
-    node = state
-    for k in path[:-1]:
-        node = node[k]
-    var = node[path[-1]]
-    if isinstance(var, nnx.Variable):
-        var.set_value(value)
-    else:
-        node[path[-1]] = value
 
 
 def gguf_config(path: str) -> ModelConfig:

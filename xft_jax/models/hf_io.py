@@ -27,6 +27,7 @@ from xft_jax import atomic, errors, sharding
 from xft_jax.errors import UserError
 from xft_jax.models import gguf_io
 from xft_jax.models.config import ModelConfig
+from xft_jax.models.layer_stacking import layer_sharding, put_layer, set_state_leaf
 from xft_jax.models.decoder import Decoder
 from xft_jax.models.partitioning import leaf_axes
 from xft_jax.models.safetensors_reader import SafetensorsError, SafetensorsFile
@@ -210,20 +211,6 @@ def _convert(arr, transpose: bool, shard, np_dtype):
     return arr if arr.dtype == np_dtype else _jitted(_astype, shard, np_dtype)(arr)
 
 
-def _layer_shard(shard, ndim: int):
-    """The sharding of one layer of a stacked leaf (the leading layer axis dropped)."""
-    if isinstance(shard, NamedSharding):
-        spec = tuple(shard.spec) + (None,) * (ndim - len(shard.spec))
-        return NamedSharding(shard.mesh, P(*spec[1:]))
-    return shard
-
-
-def _stacked_sharding(s):
-    if isinstance(s, NamedSharding):
-        return NamedSharding(s.mesh, P(None, *s.spec))
-    return s
-
-
 @jax.jit
 def _all_finite(x):
     return jnp.all(jnp.isfinite(x))
@@ -260,39 +247,12 @@ def _load_tensors(files, tensor_reads, n: int, np_dtype, transform=None) -> dict
                                   f"values; the checkpoint is damaged: use an intact copy")
         out = arr if transform is None else transform(key, arr)
         del arr
-        if i is None:
-            loaded[key] = out
-        elif key not in loaded:
-            shards = jax.tree.map(lambda x: _stacked_sharding(x.sharding), out)
-            leaves_, tree = jax.tree.flatten(shards)
-            loaded[key] = _stack_starter(n, tree, tuple(leaves_))(out, i)
-        else:
-            loaded[key] = _set_layer(loaded[key], out, i)
+        loaded[key] = out if i is None else put_layer(loaded.get(key), out, i, n)
         # Waiting frees the staged host copy before the next tensor is staged; without
         # it, staged tensors pile up on the host.
         del out
         jax.block_until_ready(loaded[key])
     return loaded
-
-
-@functools.lru_cache(maxsize=64)     # leaves of one shape share a compiled program
-def _stack_starter(n: int, tree, shards: tuple):
-    return jax.jit(functools.partial(_start_stack, n=n),
-                   out_shardings=jax.tree.unflatten(tree, shards))
-
-
-def _start_stack(layer, i, n: int):
-    """The stacked [n, ...] buffers with layer ``i`` written, in one program (the zero-fill
-    is fused into it instead of being a program and a dispatch of its own)."""
-    return jax.tree.map(
-        lambda x: jax.lax.dynamic_update_index_in_dim(jnp.zeros((n,) + x.shape, x.dtype),
-                                                      x, i, 0), layer)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, layer, i):
-    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0),
-                        stacked, layer)
 
 
 def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
@@ -356,7 +316,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
         else:
             shard = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if keys[0] == "layers":
-            layer_leaves.append((p, keys, shape, _layer_shard(shard, len(shape))))
+            layer_leaves.append((p, keys, shape, layer_sharding(shard, len(shape))))
         else:
             top_leaves.append((p, keys, shape, shard))
     leaves = [leaf[1:] for leaf in layer_leaves]
@@ -366,19 +326,8 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
                                       _layer_order(files, leaves, cfg.num_layers)))
     loaded = _load_tensors(files, tensor_reads, cfg.num_layers, np_dtype, transform)
     for p, keys, _, _ in top_leaves + layer_leaves:
-        _set_path(state, p, loaded[tuple(keys)])
+        set_state_leaf(state, p, loaded[tuple(keys)])
     return nnx.merge(graphdef, state)
-
-
-def _set_path(state, path, value):
-    node = state
-    for k in path[:-1]:
-        node = node[k]
-    var = node[path[-1]]
-    if isinstance(var, nnx.Variable):
-        var.set_value(value)
-    else:
-        node[path[-1]] = value
 
 
 # ------------------------------------------------------------------------ saving
