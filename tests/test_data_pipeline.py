@@ -8,7 +8,7 @@ import pytest
 
 from xft_jax.data import synthetic
 from xft_jax.data.encode import label_token_ids, prompt_parts
-from xft_jax.data.pipeline import make_batches
+from xft_jax.data.pipeline import eval_batches, make_batches, train_batches
 from xft_jax.data.schema import Conversation, RatedExample
 from xft_jax.data.targets import ExplanationVocab, make_target
 
@@ -100,9 +100,9 @@ def test_label_token_ids_fails_loudly(mistral_tokenizer):
 
 @pytest.mark.parametrize("variant", ["label_only", "explanation", "bag_of_words"])
 def test_padded_train_batches_obey_contract(examples, mistral_tokenizer, variant):
-    batches = make_batches(examples, mistral_tokenizer, axis="naturalness", variant=variant,
-                           max_len=384, batch_size=4, seed=0, num_epochs=1,
-                           process_index=0, process_count=1)
+    batches = train_batches(examples, mistral_tokenizer, axis="naturalness", variant=variant,
+                            max_len=384, batch_size=4, seed=0, num_epochs=1,
+                            process_index=0, process_count=1)
     assert batches.stats.kept == 40 and batches.stats.dropped == 0
     assert batches.num_batches == 10 and batches.label_token_ids == DIGITS
     index = targets_index(examples, variant)
@@ -115,10 +115,10 @@ def test_padded_train_batches_obey_contract(examples, mistral_tokenizer, variant
 
 def test_packed_batches(examples, mistral_tokenizer):
     vocab = ExplanationVocab.from_examples(examples, "naturalness")
-    batches = make_batches(examples, mistral_tokenizer, axis="naturalness",
-                           variant="random_vocab", max_len=1024, batch_size=2, seed=1,
-                           pack=True, num_epochs=1, vocab=vocab, process_index=0,
-                           process_count=1)
+    batches = train_batches(examples, mistral_tokenizer, axis="naturalness",
+                            variant="random_vocab", max_len=1024, batch_size=2, seed=1,
+                            pack=True, num_epochs=1, vocab=vocab, process_index=0,
+                            process_count=1)
     index = targets_index(examples, "random_vocab", vocab=vocab, seed=1)
     seen, rows, per_row = [], 0, []
     for batch in batches:
@@ -138,8 +138,8 @@ def test_truncation_from_the_left_and_drops(mistral_tokenizer):
            dataclasses.replace(base[1], conversation=dataclasses.replace(
                base[1].conversation, response=long_resp.strip())),
            base[2]]
-    batches = make_batches(exs, mistral_tokenizer, axis="on_topic", variant="explanation",
-                           max_len=320, batch_size=2, train=False, process_index=0,
+    batches = eval_batches(exs, mistral_tokenizer, axis="on_topic", variant="explanation",
+                           max_len=320, batch_size=2, process_index=0,
                            process_count=1)
     st = batches.stats
     assert (st.total, st.kept, st.truncated, st.dropped) == (3, 2, 1, 1)
@@ -160,8 +160,8 @@ def test_eval_batches_count_every_example_once_across_hosts(examples, mistral_to
     exs = examples[:13]
     got = {}
     for host in range(2):
-        batches = make_batches(exs, mistral_tokenizer, axis="comprehensiveness",
-                               variant="label_only", max_len=384, batch_size=4, train=False,
+        batches = eval_batches(exs, mistral_tokenizer, axis="comprehensiveness",
+                               variant="label_only", max_len=384, batch_size=4,
                                process_index=host, process_count=2, buckets=[128, 256, 384])
         out = list(batches)
         assert len(out) == batches.num_batches == 2  # ceil(ceil(13/2)/4), same on both hosts
@@ -186,9 +186,9 @@ def test_eval_batches_count_every_example_once_across_hosts(examples, mistral_to
 @pytest.mark.parametrize("pack", [False, True])
 def test_resume_sees_exactly_the_same_batches(examples, mistral_tokenizer, pack):
     def build():
-        return make_batches(examples, mistral_tokenizer, axis="on_topic", variant="shuffled",
-                            max_len=640 if pack else 384, batch_size=3, seed=11, pack=pack,
-                            process_index=0, process_count=1)
+        return train_batches(examples, mistral_tokenizer, axis="on_topic", variant="shuffled",
+                             max_len=640 if pack else 384, batch_size=3, seed=11, pack=pack,
+                             process_index=0, process_count=1)
 
     it = iter(build())
     for _ in range(5):
@@ -206,9 +206,9 @@ def test_resume_sees_exactly_the_same_batches(examples, mistral_tokenizer, pack)
 
 def test_shuffle_seed_and_host_slices(examples, mistral_tokenizer):
     def first_ids(seed, host, count=2):
-        b = make_batches(examples, mistral_tokenizer, axis="on_topic", variant="label_only",
-                         max_len=384, batch_size=4, seed=seed, num_epochs=1,
-                         process_index=host, process_count=count)
+        b = train_batches(examples, mistral_tokenizer, axis="on_topic", variant="label_only",
+                          max_len=384, batch_size=4, seed=seed, num_epochs=1,
+                          process_index=host, process_count=count)
         return [tuple(x["input_ids"][:, :200].ravel()) for x in b]
 
     assert first_ids(0, 0) == first_ids(0, 0)
@@ -216,8 +216,8 @@ def test_shuffle_seed_and_host_slices(examples, mistral_tokenizer):
     h0 = {r for batch in first_ids(0, 0) for r in [batch]}
     h1 = {r for batch in first_ids(0, 1) for r in [batch]}
     assert not h0 & h1
-    eval_b = make_batches(examples, mistral_tokenizer, axis="on_topic", max_len=384,
-                          batch_size=8, train=False, process_index=0, process_count=1)
+    eval_b = eval_batches(examples, mistral_tokenizer, axis="on_topic", max_len=384,
+                          batch_size=8, process_index=0, process_count=1)
     assert list(next(iter(eval_b))["example_index"]) == list(range(8))  # eval: input order
     with pytest.raises(ValueError, match="pack=False"):
         make_batches(examples, mistral_tokenizer, axis="on_topic", max_len=384,
@@ -228,24 +228,24 @@ def test_chat_template_and_tfds_records(examples, mistral_tokenizer, tmp_path):
     tok = copy.copy(mistral_tokenizer)
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} "
                          "[/INST]{% endfor %}")
-    b = make_batches(examples[:4], tok, axis="naturalness", variant="explanation",
-                     max_len=384, batch_size=4, train=False, process_index=0, process_count=1,
+    b = eval_batches(examples[:4], tok, axis="naturalness", variant="explanation",
+                     max_len=384, batch_size=4, process_index=0, process_count=1,
                      chat_template=True)
     batch = next(iter(b))
     check_contract(batch, tok, targets_index(examples[:4], "explanation"))
     text = tok.decode(batch["input_ids"][0])
     assert text.startswith("<s> [INST] Rate the response") and "[/INST]" in text
-    plain = make_batches(examples[:4], tok, axis="naturalness", variant="explanation",
-                         max_len=384, batch_size=4, train=False, process_index=0,
+    plain = eval_batches(examples[:4], tok, axis="naturalness", variant="explanation",
+                         max_len=384, batch_size=4, process_index=0,
                          process_count=1)                # the template only when asked for
     plain_text = tok.decode(next(iter(plain))["input_ids"][0])
     assert plain_text.startswith("<s> Rate the response") and "[INST]" not in plain_text
     with pytest.raises(ValueError, match="data.chat_template=True, but the tokenizer"):
-        make_batches(examples[:4], mistral_tokenizer, axis="naturalness", max_len=384,
-                     batch_size=4, train=False, process_index=0, process_count=1,
+        eval_batches(examples[:4], mistral_tokenizer, axis="naturalness", max_len=384,
+                     batch_size=4, process_index=0, process_count=1,
                      chat_template=True)
-    short = make_batches(examples[:4], tok, axis="naturalness", variant="label_only",
-                         max_len=150, batch_size=4, train=False, process_index=0,
+    short = eval_batches(examples[:4], tok, axis="naturalness", variant="label_only",
+                         max_len=150, batch_size=4, process_index=0,
                          process_count=1, chat_template=True)
     assert short.stats.truncated + short.stats.dropped > 0
     for batch in short:
@@ -256,10 +256,10 @@ def test_chat_template_and_tfds_records(examples, mistral_tokenizer, tmp_path):
     src = tfds_builder.load(str(tmp_path / "tfds"), "synthetic")
     as_list = [tfds_builder.record_to_example(src["train"][i]) for i in range(6)]
     assert sorted(as_list, key=lambda e: e.id) == sorted(examples[:6], key=lambda e: e.id)
-    a = make_batches(src["train"], mistral_tokenizer, axis="on_topic", max_len=384,
-                     batch_size=6, train=False, process_index=0, process_count=1)
-    c = make_batches(as_list, mistral_tokenizer, axis="on_topic", max_len=384,
-                     batch_size=6, train=False, process_index=0, process_count=1)
+    a = eval_batches(src["train"], mistral_tokenizer, axis="on_topic", max_len=384,
+                     batch_size=6, process_index=0, process_count=1)
+    c = eval_batches(as_list, mistral_tokenizer, axis="on_topic", max_len=384,
+                     batch_size=6, process_index=0, process_count=1)
     for x, y in zip(a, c):
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
 
@@ -267,8 +267,8 @@ def test_chat_template_and_tfds_records(examples, mistral_tokenizer, tmp_path):
 def test_no_context_example(mistral_tokenizer):
     ex = synthetic.generate(1, seed=0)[0]
     ex = RatedExample(Conversation("x:1", "x", (), "Sure."), ex.ratings)
-    b = make_batches([ex], mistral_tokenizer, axis="naturalness", max_len=256, batch_size=1,
-                     train=False, process_index=0, process_count=1)
+    b = eval_batches([ex], mistral_tokenizer, axis="naturalness", max_len=256, batch_size=1,
+                     process_index=0, process_count=1)
     batch = next(iter(b))
     assert batch["valid"][0] == 1 and b.stats.kept == 1
 

@@ -16,7 +16,8 @@ from flax import nnx
 
 from xft_jax import lora as lora_lib
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import Decoder, ForwardOptions, forward
+from xft_jax.models.decoder import (Decoder, ForwardOptions, OutputRequest, TokenInputs,
+                                    forward)
 
 B, T, K = 3, 12, 4
 # Row 0 full, row 1 right-padded, row 2 packed (two segments, then padding).
@@ -57,25 +58,24 @@ def test_outputs_at_positions_equal_full_forward(num_layers, remat):
     opts = ForwardOptions(remat=remat, lora_scale=model.forward_options().lora_scale)
     ids, seg, pos = _inputs()
     out_pos = jnp.asarray(POS)
+    inputs = TokenInputs(ids, positions=pos, segment_ids=seg)
     w = jax.random.normal(jax.random.key(3), (B, K, cfg.hidden_size))
 
     def at_positions(lo):
-        return forward(params, cfg, ids, segment_ids=seg, positions=pos, opts=opts, lora=lo,
-                       output_positions=out_pos, output="hidden")["hidden"]
+        return forward(params, cfg, inputs, OutputRequest("hidden", out_pos), opts=opts,
+                       lora=lo)["hidden"]
 
     def full_then_gather(lo):
-        h = forward(params, cfg, ids, segment_ids=seg, positions=pos, opts=opts, lora=lo,
-                    output="hidden")["hidden"]
+        h = forward(params, cfg, inputs, OutputRequest("hidden"), opts=opts, lora=lo)["hidden"]
         return jnp.take_along_axis(h, out_pos[..., None], axis=1)
 
     fast, ref = jax.jit(at_positions)(lora), jax.jit(full_then_gather)(lora)
     assert fast.shape == (B, K, cfg.hidden_size)
     np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), atol=1e-5, rtol=1e-5)
     # Logits at the positions too (the LM-head path used by generation and the trainer).
-    logits = forward(params, cfg, ids, segment_ids=seg, positions=pos, opts=opts, lora=lora,
-                     output_positions=out_pos)["logits"]
-    full = forward(params, cfg, ids, segment_ids=seg, positions=pos, opts=opts,
-                   lora=lora)["logits"]
+    logits = forward(params, cfg, inputs, OutputRequest(positions=out_pos), opts=opts,
+                     lora=lora)["logits"]
+    full = forward(params, cfg, inputs, opts=opts, lora=lora)["logits"]
     np.testing.assert_allclose(np.asarray(logits),
                                np.take_along_axis(np.asarray(full), POS[..., None], axis=1),
                                atol=1e-5, rtol=1e-5)
@@ -98,9 +98,10 @@ def test_last_layer_at_positions_does_less_work():
     ids, seg, pos = _inputs()
 
     def flops(output_positions):
-        fn = lambda p, lo: forward(p, cfg, ids, segment_ids=seg, positions=pos,  # noqa: E731
-                                   opts=opts, lora=lo, output_positions=output_positions,
-                                   output="hidden")["hidden"]
+        inputs = TokenInputs(ids, positions=pos, segment_ids=seg)
+        want = OutputRequest("hidden", output_positions)
+        fn = lambda p, lo: forward(p, cfg, inputs, want, opts=opts,  # noqa: E731
+                                   lora=lo)["hidden"]
         cost = jax.jit(fn).lower(params, lora).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return cost["flops"]
@@ -122,8 +123,8 @@ def test_blocked_causal_attention_equals_one_block(block):
 
     def run(opts):
         def f(lo):
-            return forward(params, cfg, ids, segment_ids=seg, positions=pos, opts=opts,
-                           lora=lo, output="hidden")["hidden"]
+            return forward(params, cfg, TokenInputs(ids, positions=pos, segment_ids=seg),
+                           OutputRequest("hidden"), opts=opts, lora=lo)["hidden"]
         out = jax.jit(f)(lora)
         grads = jax.jit(jax.grad(lambda lo: jnp.sum(f(lo) * w)))(lora)
         return out, grads
@@ -148,14 +149,13 @@ def test_merged_adapters_equal_unmerged():
     cfg, params, lora = model.config, model.params(), model.lora_params()
     opts = model.forward_options()
     ids, seg, pos = _inputs()
+    inputs = TokenInputs(ids, positions=pos, segment_ids=seg)
 
     def logits(o):
-        return np.asarray(forward(params, cfg, ids, segment_ids=seg, positions=pos, opts=o,
-                                  lora=lora)["logits"])
+        return np.asarray(forward(params, cfg, inputs, opts=o, lora=lora)["logits"])
 
     plain, merged = logits(opts), logits(dataclasses.replace(opts, lora_merged=True))
-    without = np.asarray(forward(params, cfg, ids, segment_ids=seg, positions=pos,
-                                 opts=opts)["logits"])
+    without = np.asarray(forward(params, cfg, inputs, opts=opts)["logits"])
     assert np.abs(plain - without).max() > 1e-2      # the adapters matter here
     np.testing.assert_allclose(merged, plain, atol=1e-5, rtol=1e-5)
 
@@ -185,8 +185,8 @@ def test_mask_free_form_equals_masked_form(monkeypatch):
 
     def run(opts):
         def f(lo):
-            return forward(params, cfg, ids, segment_ids=seg, opts=opts, lora=lo,
-                           output="hidden")["hidden"]
+            return forward(params, cfg, TokenInputs(ids, segment_ids=seg),
+                           OutputRequest("hidden"), opts=opts, lora=lo)["hidden"]
         grads = jax.grad(lambda lo: jnp.sum(jnp.where(real, f(lo) * w, 0.0)))(lora)
         return np.asarray(f(lora)), grads
 

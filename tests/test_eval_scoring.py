@@ -6,7 +6,7 @@ import pytest
 
 from xft_jax import sharding
 from xft_jax.eval import batching, metrics, scoring
-from xft_jax.models import forward, load_pretrained
+from xft_jax.models import TokenInputs, forward, load_pretrained
 
 LABEL_IDS = [5, 17, 33, 64, 100]
 
@@ -34,8 +34,9 @@ def test_five_columns_equal_renormalised_full_softmax(hf_checkpoint, family, qua
     params, cfg, opts = model.params(), model.config, model.forward_options()
     batch = _batch(cfg)
     logp = scoring.make_score_fn(cfg, opts, LABEL_IDS)(params, None, batch)
-    full = forward(params, cfg, jnp.asarray(batch["input_ids"]), segment_ids=batch["segment_ids"],
-                   positions=batch["positions"], opts=opts)["logits"]        # [B,T,V]
+    inputs = TokenInputs(jnp.asarray(batch["input_ids"]), positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+    full = forward(params, cfg, inputs, opts=opts)["logits"]                 # [B,T,V]
     at = np.asarray(full)[np.arange(3), batch["label_pos"]]                  # [B,V]
     p = np.exp(at - at.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)

@@ -58,10 +58,10 @@ def test_sliding_window_matters(hf_checkpoint):
     model = models.load_pretrained(path)
     assert model.config.sliding_window == 5 < T
     ids, mask = _batch(1, "right")
-    with_window = model.forward(jnp.asarray(ids), attention_mask=jnp.asarray(mask))["logits"]
+    inputs = models.TokenInputs(jnp.asarray(ids), jnp.asarray(mask))
+    with_window = model.forward(inputs)["logits"]
     no_window = models.forward(model.params(), dataclasses.replace(model.config,
-                               sliding_window=None), jnp.asarray(ids),
-                               attention_mask=jnp.asarray(mask))["logits"]
+                               sliding_window=None), inputs)["logits"]
     assert np.abs(np.asarray(with_window) - np.asarray(no_window))[:, 6:].max() > 1e-3
 
 
@@ -84,8 +84,8 @@ def test_logits_at_positions_equal_full_logits(hf_checkpoint):
     ids, mask = _batch(3, "left")
     full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     pos = np.array([[11, 3], [11, 5], [8, 10]])
-    some = np.asarray(model.forward(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                                    output_positions=jnp.asarray(pos))["logits"])
+    some = np.asarray(model.forward(models.TokenInputs(jnp.asarray(ids), jnp.asarray(mask)),
+                                    models.OutputRequest(positions=jnp.asarray(pos)))["logits"])
     assert some.shape == (3, 2, 128)
     np.testing.assert_allclose(some, np.take_along_axis(full, pos[..., None], 1), atol=1e-6)
 

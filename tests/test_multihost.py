@@ -18,7 +18,7 @@ import pytest
 
 from xft_jax import distributed
 from xft_jax.models import hf_io
-from xft_jax.models.decoder import forward
+from xft_jax.models.decoder import TokenInputs, forward
 from xft_jax.models.safetensors_reader import SafetensorsFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,9 +155,9 @@ def reference(hf_checkpoint, tmp_path_factory):
     np.savez(path, **batch)
     model = hf_io.load_pretrained(ckpt)               # one process, one device
     ref = np.asarray(jax.jit(lambda p, b: forward(
-        p, model.config, b["input_ids"], segment_ids=b["segment_ids"],
-        positions=b["positions"], opts=model.forward_options())["logits"])(
-            model.params(), batch))
+        p, model.config, TokenInputs(b["input_ids"], positions=b["positions"],
+                                     segment_ids=b["segment_ids"]),
+        opts=model.forward_options())["logits"])(model.params(), batch))
     f = SafetensorsFile(os.path.join(ckpt, "model.safetensors"))
     total = sum(f.read_block(n).nbytes for n in f.tensors)
     replicated = sum(f.read_block(n).nbytes for n in f.tensors if n.endswith("norm.weight"))

@@ -10,7 +10,8 @@ from flax import nnx
 
 from tests.hf_fixtures import load_hf_model
 from xft_jax.eval import probe as probe_lib, scoring
-from xft_jax.models import Decoder, ModelConfig, forward, load_pretrained
+from xft_jax.models import (Decoder, ModelConfig, OutputRequest, TokenInputs, forward,
+                            load_pretrained)
 
 LABEL_IDS = [5, 17, 33, 64, 100]
 B, T = 3, 10
@@ -96,9 +97,9 @@ def test_last_layer_lens_is_the_models_own_output(hf_checkpoint):
     model = load_pretrained(hf_checkpoint("llama"))
     params, cfg, opts, batch = model.params(), model.config, model.forward_options(), _batch()
     out = jax.device_get(probe_lib.make_probe_fn(cfg, opts, LABEL_IDS)(params, None, batch))
-    logits = np.asarray(forward(params, cfg, jnp.asarray(batch["input_ids"]),
-                                segment_ids=batch["segment_ids"], positions=batch["positions"],
-                                opts=opts)["logits"], np.float64)
+    inputs = TokenInputs(jnp.asarray(batch["input_ids"]), positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+    logits = np.asarray(forward(params, cfg, inputs, opts=opts)["logits"], np.float64)
     p = _softmax(logits[np.arange(B), batch["label_pos"]])
     last = cfg.num_layers
     np.testing.assert_allclose(out["lens_entropy"][last], [_entropy(x) for x in p], rtol=1e-5)
@@ -125,12 +126,14 @@ def test_memory_flat_in_sequence_length():
                 "label": vec}
 
     def plain(params, batch):  # the scoring forward alone, as the baseline
-        return forward(params, cfg, batch["input_ids"], segment_ids=batch["segment_ids"],
-                       opts=opts, output="hidden", output_positions=batch["label_pos"][:, None])
+        return forward(params, cfg, TokenInputs(batch["input_ids"],
+                                                segment_ids=batch["segment_ids"]),
+                       OutputRequest("hidden", batch["label_pos"][:, None]), opts=opts)
 
     def keep_all(params, batch):  # what the probe must not do: every layer's [B,T,D]
-        return forward(params, cfg, batch["input_ids"], segment_ids=batch["segment_ids"],
-                       opts=opts, output="none", layer_reduce=lambda h, i: h)
+        return forward(params, cfg, TokenInputs(batch["input_ids"],
+                                                segment_ids=batch["segment_ids"]),
+                       OutputRequest("none", layer_reduce=lambda h, i: h), opts=opts)
 
     mem = {}
     for t in (64, 256):

@@ -13,7 +13,7 @@ from xft_jax import sharding
 from xft_jax.eval import probe as probe_lib, scoring
 from xft_jax import quantization as Q
 from xft_jax.eval.batching import DEVICE_KEYS
-from xft_jax.models import forward, hf_io, partitioning
+from xft_jax.models import OutputRequest, TokenInputs, forward, hf_io, partitioning
 from xft_jax.models.decoder import LINEAR_NAMES, linear_shape
 
 LABEL_IDS = [5, 17, 33, 64, 100]
@@ -63,7 +63,7 @@ def setup(hf_checkpoint):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opts"))
 def _logits(params, ids, seg, cfg, opts):
-    return forward(params, cfg, ids, segment_ids=seg, opts=opts)["logits"]
+    return forward(params, cfg, TokenInputs(ids, segment_ids=seg), opts=opts)["logits"]
 
 
 def _log_probs(model, batch):
@@ -169,8 +169,9 @@ def test_scoring_and_probe_run_on_a_quantised_base(setup):
     q = models["nf4_dq_head"]
     dense_head = q.params()["lm_head"].dequantize(jnp.float32)
     hidden = jax.jit(lambda p, b: forward(
-        p, q.config, b["input_ids"], segment_ids=b["segment_ids"], positions=b["positions"],
-        output="hidden", output_positions=b["label_pos"][:, None])["hidden"])(q.params(), dev)
+        p, q.config, TokenInputs(b["input_ids"], positions=b["positions"],
+                                 segment_ids=b["segment_ids"]),
+        OutputRequest("hidden", b["label_pos"][:, None]))["hidden"])(q.params(), dev)
     want = jax.nn.log_softmax(hidden[:, 0] @ dense_head[:, jnp.array(LABEL_IDS)], -1)
     np.testing.assert_allclose(scores["nf4_dq_head"], np.asarray(want), atol=1e-5)
     assert np.abs(scores["nf4_dq_head"] - scores["fp32"]).max() < 0.05

@@ -179,7 +179,7 @@ def test_forward_dequantises_one_layer_at_a_time():
     """Compiled from abstract NF4 params (nothing allocated): the forward's scratch memory
     holds about one dense layer, not the dense stack, so dequantisation happens per layer
     inside the scan, right before the matmuls."""
-    from xft_jax.models.decoder import ForwardOptions, forward
+    from xft_jax.models.decoder import ForwardOptions, TokenInputs, forward
 
     cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=1024,
                       num_layers=12, num_heads=4, num_kv_heads=4, head_dim=64,
@@ -187,7 +187,7 @@ def test_forward_dequantises_one_layer_at_a_time():
                       model_type="mistral", bos_token_id=1, eos_token_id=2)
     one_layer = 4 * sum(np.prod(linear_shape(cfg, t)) for t in LINEAR_NAMES)
     ab = Q.abstract_params(cfg, Q.QuantConfig("nf4"), jnp.float32)
-    fn = jax.jit(lambda p, i: forward(p, cfg, i, opts=ForwardOptions())["logits"])
+    fn = jax.jit(lambda p, i: forward(p, cfg, TokenInputs(i), opts=ForwardOptions())["logits"])
     mem = fn.lower(ab, jax.ShapeDtypeStruct((1, 8), jnp.int32)).compile().memory_analysis()
     assert mem.argument_size_in_bytes < 0.2 * one_layer * cfg.num_layers
     assert mem.temp_size_in_bytes < 1.5 * one_layer, (mem.temp_size_in_bytes, one_layer)

@@ -14,7 +14,7 @@ from xft_jax import lora as lora_lib
 from xft_jax import sharding
 from xft_jax.models import hf_io, partitioning
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import Decoder, forward
+from xft_jax.models.decoder import Decoder, TokenInputs, forward
 from xft_jax.models.partitioning import leaf_axes
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
@@ -38,8 +38,9 @@ def _logits(model, batch, mesh=None):
 
     def fwd(p, b):
         with sharding.activation_sharding(mesh):
-            return forward(p, cfg, b["input_ids"], segment_ids=b["segment_ids"],
-                           positions=b["positions"], opts=opts)["logits"]
+            inputs = TokenInputs(b["input_ids"], positions=b["positions"],
+                                 segment_ids=b["segment_ids"])
+            return forward(p, cfg, inputs, opts=opts)["logits"]
 
     return np.asarray(jax.jit(fwd)(model.params(), batch))
 

@@ -10,7 +10,7 @@ import pytest
 
 from xft_jax import lora as lora_lib
 from xft_jax import config_defaults, sharding
-from xft_jax.models import hf_io, partitioning
+from xft_jax.models import OutputRequest, TokenInputs, hf_io, partitioning
 from xft_jax.training import optim
 from xft_jax.training.loss import chunked_token_ce, finalize, masked_sums
 from xft_jax.training.step import (StepConfig, jit_step, make_step_fn,
@@ -81,8 +81,10 @@ def path(hf_checkpoint):
 def test_chunked_ce_matches_full_logits(path):
     model = hf_io.load_pretrained(path)
     b = make_batch()
-    out = model.forward(jnp.asarray(b["input_ids"]), segment_ids=jnp.asarray(b["segment_ids"]),
-                        positions=jnp.asarray(b["positions"]), output="hidden")
+    out = model.forward(TokenInputs(jnp.asarray(b["input_ids"]),
+                                    positions=jnp.asarray(b["positions"]),
+                                    segment_ids=jnp.asarray(b["segment_ids"])),
+                        OutputRequest("hidden"))
     from xft_jax.models.decoder import lm_head
     ce, correct = chunked_token_ce(out["hidden"], lm_head(model.params(), model.config,
                                                           jnp.float32),

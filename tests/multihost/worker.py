@@ -38,7 +38,7 @@ def main() -> int:
 
     from xft_jax import sharding
     from xft_jax.models import hf_io, safetensors_reader
-    from xft_jax.models.decoder import forward
+    from xft_jax.models.decoder import TokenInputs, forward
 
     assert jax.process_count() == spec.num_processes, (jax.process_count(), spec)
     assert jax.process_index() == spec.process_id, (jax.process_index(), spec)
@@ -87,8 +87,9 @@ def main() -> int:
 
         def fwd(p, b):
             with sharding.activation_sharding(mesh):
-                return forward(p, cfg, b["input_ids"], segment_ids=b["segment_ids"],
-                               positions=b["positions"], opts=opts)["logits"]
+                inputs = TokenInputs(b["input_ids"], positions=b["positions"],
+                                     segment_ids=b["segment_ids"])
+                return forward(p, cfg, inputs, opts=opts)["logits"]
 
         logits = jax.jit(fwd)(params, batch)
         result[f"logits_{tag}"] = sharding.to_host(logits)

@@ -1,7 +1,7 @@
 """Tokenised, masked batches as a checkpointable grain iterator (the DESIGN batch contract).
 
-    batches = make_batches(train_examples, tokenizer, axis="naturalness",
-                           variant="explanation", max_len=512, batch_size=8, seed=0)
+    batches = train_batches(train_examples, tokenizer, axis="naturalness",
+                            variant="explanation", max_len=512, batch_size=8, seed=0)
     it = iter(batches)           # a grain DatasetIterator
     batch = next(it)             # dict of numpy arrays, per host
     state = it.get_state()       # store with the checkpoint; it.set_state(state) resumes
@@ -13,7 +13,7 @@ the prompt); ``label_mask`` float32 (1 only where ``targets`` is the label digit
 ``segment_ids`` int32 (0 = padding, 1..k = examples in the row); ``positions`` int32
 (restarting at 0 per example).
 
-Eval batches (``train=False``) are padded, never packed, one example per row, and add
+Eval batches (``eval_batches``) are padded, never packed, one example per row, and add
 ``label_pos`` int32 [B], ``label`` int32 [B] (0..4), ``example_index`` int32 [B] (index
 into ``Batches.example_ids``) and ``valid`` int32 [B]. Each host gets the same number of
 batches; rows beyond the data are padding rows with ``valid = 0``, ``label = -1``,
@@ -44,7 +44,8 @@ from xft_jax.data.schema import RatedExample
 from xft_jax.data.targets import ExplanationVocab
 from xft_jax.data.tfds_builder import record_to_example
 
-__all__ = ["Batches", "make_batches", "encoded_digest", "label_token_ids", "to_examples"]
+__all__ = ["Batches", "train_batches", "eval_batches", "make_batches", "encoded_digest",
+           "label_token_ids", "to_examples"]
 
 
 @dataclasses.dataclass
@@ -157,46 +158,24 @@ def _process_slot(process_index: int | None, process_count: int | None) -> tuple
     return process_index, process_count
 
 
-def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max_len: int,
-                 batch_size: int, seed: int = 0, train: bool = True,
-                 shuffle: bool | None = None, pack: bool = False,
-                 buckets: Sequence[int] | None = None, num_epochs: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None,
-                 vocab: ExplanationVocab | None = None, target_seed: int | None = None,
-                 prompt_room: Sequence[str] = (), target_room: int | None = None,
-                 chat_template: bool = False,
-                 read_options: grain.ReadOptions | None = None,
-                 sort_by_length: bool = False) -> Batches:
-    """Builds the batch iterator for one axis and target variant (see module doc).
+@dataclasses.dataclass(frozen=True)
+class _Encoded:
+    """Encoded examples and what both builders report about them."""
+    rows: list[dict]
+    stats: EncodeStats
+    label_ids: list[int]
+    example_ids: list[str]
+    digest: str
+    pad_id: int
 
-    data: RatedExamples, or a TFDS data source of records written by ``tfds_builder``.
-    shuffle: defaults to ``train``. pack: first-fit packing of several examples per row
-    (training only). buckets: pad each batch to the smallest of these widths that fits
-    it (fewer wasted tokens, a few compiled shapes; with process_count > 1 each host
-    buckets its own rows and hosts may disagree on T, so build the global batch on every
-    host instead, as ``training.batches`` and ``eval.evaluation`` do). vocab: needed for
-    ``random_vocab``; build it from
-    the training split. target_seed: seeds the pseudo-explanations (default ``seed``).
-    prompt_room: target variants each prompt leaves room for (``encode.Encoder``), so
-    runs of these variants see the same prompts and keep the same examples.
-    target_room: one room for every example (``encode.target_room`` of the training
-    split), so that a cut prompt carries nothing about its label; replaces the
-    per-example room of ``prompt_room``.
-    chat_template: render prompts with the tokenizer's chat template (instruct models).
-    read_options: grain prefetching (default: 2 threads, 8 batches ahead; batching
-    in-memory arrays is cheap, and grain's default of 500 batches wastes host memory).
-    sort_by_length (eval only): batch examples of similar length together, so that with
-    ``buckets`` most batches pad to far less than ``max_len``; rows keep their
-    ``example_index``, so callers can restore the dataset's order.
-    """
+
+def _encode(data, tokenizer, *, axis: str, variant: str, max_len: int, batch_size: int,
+            seed: int, vocab: ExplanationVocab | None, target_seed: int | None,
+            prompt_room: Sequence[str], target_room: int | None,
+            chat_template: bool) -> _Encoded:
+    """Checks the shared options and encodes every example (``encode.Encoder``)."""
     if batch_size <= 0 or max_len <= 0:
         raise ValueError("batch_size and max_len must be positive")
-    if pack and not train:
-        raise ValueError("eval batches are padded, one example per row; pack=False")
-    if sort_by_length and train:
-        raise ValueError("sort_by_length is for eval batches (train=False)")
-    shuffle = train if shuffle is None else shuffle
-    pi, pc = _process_slot(process_index, process_count)
     examples = to_examples(data)
     if variant == "random_vocab" and vocab is None:
         raise ValueError("random_vocab needs vocab=ExplanationVocab.from_examples(train, axis)")
@@ -212,26 +191,52 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     kept_ids = [examples[int(r["index"])].id for r in encoded]
     for j, r in enumerate(encoded):  # example_index points into kept_ids
         r["index"] = np.int32(j)
-    digest = encoded_digest(encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+    return _Encoded(encoded, stats, encoder.label_ids, kept_ids, encoded_digest(encoded),
+                    pad_id)
 
-    ds = grain.MapDataset.source(encoded)
+
+def _default_read_options(read_options: grain.ReadOptions | None) -> grain.ReadOptions:
+    """2 threads, 8 batches ahead: batching in-memory arrays is cheap, and grain's default
+    of 500 batches wastes host memory."""
+    return read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+def train_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max_len: int,
+                  batch_size: int, seed: int = 0, shuffle: bool = True, pack: bool = False,
+                  buckets: Sequence[int] | None = None, num_epochs: int | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  vocab: ExplanationVocab | None = None, target_seed: int | None = None,
+                  prompt_room: Sequence[str] = (), target_room: int | None = None,
+                  chat_template: bool = False,
+                  read_options: grain.ReadOptions | None = None) -> Batches:
+    """Training batches for one axis and target variant (see module doc).
+
+    data: RatedExamples, or a TFDS data source of records written by ``tfds_builder``.
+    pack: first-fit packing of several examples per row. buckets: pad each batch to the
+    smallest of these widths that fits it (fewer wasted tokens, a few compiled shapes;
+    with process_count > 1 each host buckets its own rows and hosts may disagree on T, so
+    build the global batch on every host instead, as ``training.batches`` does).
+    vocab: needed for ``random_vocab``; build it from the training split. target_seed:
+    seeds the pseudo-explanations (default ``seed``). prompt_room: target variants each
+    prompt leaves room for (``encode.Encoder``), so runs of these variants see the same
+    prompts and keep the same examples. target_room: one room for every example
+    (``encode.target_room`` of the training split), so that a cut prompt carries nothing
+    about its label; replaces the per-example room of ``prompt_room``.
+    chat_template: render prompts with the tokenizer's chat template (instruct models).
+    read_options: grain prefetching (default: 2 threads, 8 batches ahead).
+    """
+    pi, pc = _process_slot(process_index, process_count)
+    enc = _encode(data, tokenizer, axis=axis, variant=variant, max_len=max_len,
+                  batch_size=batch_size, seed=seed, vocab=vocab, target_seed=target_seed,
+                  prompt_room=prompt_room, target_room=target_room,
+                  chat_template=chat_template)
+    read_options = _default_read_options(read_options)
+    stats = enc.stats
+    ds = grain.MapDataset.source(enc.rows)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds[pi::pc]
-    if not train:
-        per_host = math.ceil(len(encoded) / pc)
-        num_batches = math.ceil(per_host / batch_size)
-        rows = [ds[i] for i in range(len(ds))]
-        if sort_by_length:
-            rows.sort(key=lambda r: len(r["input_ids"]))     # stable: ties keep their order
-        rows += [None] * (num_batches * batch_size - len(rows))
-        collate = functools.partial(_collate, max_len=max_len, buckets=buckets, pad_id=pad_id,
-                                    eval_mode=True)
-        ds = grain.MapDataset.source(rows).batch(batch_size, batch_fn=collate)
-        return Batches(ds.to_iter_dataset(read_options), stats, encoder.label_ids, kept_ids,
-                       num_batches, False, digest)
     if len(ds) == 0:
         if stats.kept == 0:
             raise DataError(f"none of the {stats.total} training examples fits max_len="
@@ -249,10 +254,52 @@ def make_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
             num_packing_bins=batch_size, shuffle_bins=False)
         it = it.batch(batch_size, drop_remainder=True).map(_from_packed)
     else:
-        collate = functools.partial(_collate, max_len=max_len, buckets=buckets, pad_id=pad_id,
-                                    eval_mode=False)
+        collate = functools.partial(_collate, max_len=max_len, buckets=buckets,
+                                    pad_id=enc.pad_id, eval_mode=False)
         it = ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
         it = it.to_iter_dataset(read_options)
     num_batches = None if num_epochs is None or pack else len(ds) // batch_size
-    return Batches(it, stats, encoder.label_ids, kept_ids, num_batches, True, digest)
+    return Batches(it, stats, enc.label_ids, enc.example_ids, num_batches, True, enc.digest)
 
+
+def eval_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max_len: int,
+                 batch_size: int, seed: int = 0, buckets: Sequence[int] | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 vocab: ExplanationVocab | None = None, target_seed: int | None = None,
+                 prompt_room: Sequence[str] = (), target_room: int | None = None,
+                 chat_template: bool = False, read_options: grain.ReadOptions | None = None,
+                 sort_by_length: bool = False) -> Batches:
+    """Eval batches: padded, one example per row, in input order, each example once across
+    hosts (see module doc). The encoding options are those of ``train_batches``; seed
+    seeds the pseudo-explanations only.
+
+    sort_by_length: batch examples of similar length together, so that with ``buckets``
+    most batches pad to far less than ``max_len``; rows keep their ``example_index``, so
+    callers can restore the dataset's order.
+    """
+    pi, pc = _process_slot(process_index, process_count)
+    enc = _encode(data, tokenizer, axis=axis, variant=variant, max_len=max_len,
+                  batch_size=batch_size, seed=seed, vocab=vocab, target_seed=target_seed,
+                  prompt_room=prompt_room, target_room=target_room,
+                  chat_template=chat_template)
+    ds = grain.MapDataset.source(enc.rows)[pi::pc]
+    per_host = math.ceil(len(enc.rows) / pc)
+    num_batches = math.ceil(per_host / batch_size)
+    rows = [ds[i] for i in range(len(ds))]
+    if sort_by_length:
+        rows.sort(key=lambda r: len(r["input_ids"]))     # stable: ties keep their order
+    rows += [None] * (num_batches * batch_size - len(rows))
+    collate = functools.partial(_collate, max_len=max_len, buckets=buckets, pad_id=enc.pad_id,
+                                eval_mode=True)
+    ds = grain.MapDataset.source(rows).batch(batch_size, batch_fn=collate)
+    return Batches(ds.to_iter_dataset(_default_read_options(read_options)), enc.stats,
+                   enc.label_ids, enc.example_ids, num_batches, False, enc.digest)
+
+
+def make_batches(data, tokenizer, *, train: bool = True, **options) -> Batches:
+    """``train_batches`` or ``eval_batches`` by a flag, refusing the other kind's options."""
+    if train and options.pop("sort_by_length", False):
+        raise ValueError("sort_by_length is for eval batches (train=False)")
+    if not train and options.pop("pack", False):
+        raise ValueError("eval batches are padded, one example per row; pack=False")
+    return (train_batches if train else eval_batches)(data, tokenizer, **options)

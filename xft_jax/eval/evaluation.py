@@ -130,12 +130,11 @@ def eval_batches(d, tokenizer, batch_size: int):
     room = prompt_room(d)
     vocab = explanation_vocab(splits, d.axis, (d.target, *room))
     troom = run_target_room(d, splits, tokenizer, vocab)
-    batches = pipeline.make_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
+    batches = pipeline.eval_batches(examples, tokenizer, axis=d.axis, variant=SCORED_TARGET,
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), prompt_room=room, vocab=vocab,
                                     target_room=troom, chat_template=bool(d.chat_template),
-                                    train=False, process_index=0,
-                                    process_count=1, sort_by_length=True,
+                                    process_index=0, process_count=1, sort_by_length=True,
                                     buckets=pipeline.length_buckets(int(d.max_len)))
     if batches.stats.kept == 0:
         raise ConfigValueError(

@@ -30,7 +30,8 @@ import numpy as np
 
 from xft_jax import sharding
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import ForwardOptions, as_dense, forward, rms_norm
+from xft_jax.models.decoder import (ForwardOptions, OutputRequest, TokenInputs, as_dense,
+                                    forward, rms_norm)
 from xft_jax.eval.batching import map_batches, replicated_jit
 from xft_jax.eval.scoring import check_label_ids, head_columns
 
@@ -140,11 +141,11 @@ def probe_forward(params, cfg: ModelConfig, batch: dict, label_ids: Sequence[int
         layer_stats, params=params, cfg=cfg, dtype=opts.dtype, label_ids=label_ids,
         label_pos=label_pos, gold=jnp.asarray(batch["label"], jnp.int32),
         prompt_mask=prompt_positions(seg, label_pos), vocab_chunk=vocab_chunk)
-    out = forward(params, cfg, batch["input_ids"], segment_ids=seg,
-                  positions=batch.get("positions"), opts=opts, lora=lora,
-                  output_positions=label_pos[:, None], output="hidden",
-                  layer_reduce=reduce,
-                  attention_reduce=functools.partial(attention_entropy, probe_pos=label_pos))
+    inputs = TokenInputs(batch["input_ids"], positions=batch.get("positions"), segment_ids=seg)
+    want = OutputRequest("hidden", label_pos[:, None], layer_reduce=reduce,
+                         attention_reduce=functools.partial(attention_entropy,
+                                                            probe_pos=label_pos))
+    out = forward(params, cfg, inputs, want, opts=opts, lora=lora)
     stats = dict(out["layers"])
     b = label_pos.shape[0]
     stats["attn_entropy"] = jnp.concatenate(

@@ -25,7 +25,8 @@ from xft_jax import sharding
 from xft_jax.data.schema import NUM_LABELS
 from xft_jax.eval.batching import map_batches, replicated_jit
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import ForwardOptions, as_dense, forward
+from xft_jax.models.decoder import (ForwardOptions, OutputRequest, TokenInputs, as_dense,
+                                    forward)
 
 
 def head_columns(params: dict, cfg: ModelConfig, token_ids, dtype) -> jax.Array:
@@ -45,9 +46,9 @@ def label_logits(params: dict, cfg: ModelConfig, input_ids, label_pos, label_ids
                  opts: ForwardOptions = ForwardOptions(), lora=None, segment_ids=None,
                  positions=None, attention_mask=None) -> jax.Array:
     """float32 [B, 5] logits of the five label tokens at ``label_pos`` [B]."""
-    out = forward(params, cfg, input_ids, attention_mask=attention_mask, positions=positions,
-                  segment_ids=segment_ids, opts=opts, lora=lora,
-                  output_positions=jnp.asarray(label_pos, jnp.int32)[:, None], output="hidden")
+    inputs = TokenInputs(input_ids, attention_mask, positions, segment_ids)
+    at_labels = OutputRequest("hidden", jnp.asarray(label_pos, jnp.int32)[:, None])
+    out = forward(params, cfg, inputs, at_labels, opts=opts, lora=lora)
     h = out["hidden"][:, 0]                                            # [B, D]
     cols = head_columns(params, cfg, label_ids, opts.dtype)            # [D, 5]
     return jnp.einsum("bd,dk->bk", h, cols, preferred_element_type=jnp.float32)

@@ -181,7 +181,7 @@ def decoder_layer(cfg: ModelConfig, opts: ForwardOptions, x, p, lora, ctx, cache
     """One pre-norm block. ``ctx`` holds positions, masks and the attention hook.
 
     out_pos [B,K]: the block's output is wanted at these positions only (the last layer
-    under ``output_positions``). Keys and values still cover every position; queries,
+    under ``OutputRequest.positions``). Keys and values still cover every position; queries,
     the attention output, o_proj and the MLP run at the K positions: [B,K,D] out."""
     b, t, _ = x.shape
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -238,24 +238,49 @@ def _rows_at(a, pos):
 
 
 # ------------------------------------------------------------------------ full forward
-def forward(params: dict, cfg: ModelConfig, input_ids, *, attention_mask=None, positions=None,
-            segment_ids=None, opts: ForwardOptions = ForwardOptions(), lora: dict | None = None,
-            output_positions=None, output: str = "logits",
-            layer_reduce: Callable | None = None, attention_reduce: Callable | None = None,
-            cache: dict | None = None,
-            cache_index=None, rng=None) -> dict:
-    """Runs the decoder.
+@dataclasses.dataclass(frozen=True)
+class TokenInputs:
+    """What goes into a forward pass: token ids [B,T] and how they are laid out.
 
-    output: 'logits' (float32 [B,T,V] or [B,K,V] at ``output_positions`` [B,K]),
+    positions default to the cumulative mask (or restart per packed segment).
+    cache {'k','v': [L,B,S,KVH,hd], 'mask': [B,S] int}: KV-cache decoding; the tokens are
+      written at ``cache_index`` (a scalar) and attend to all valid cached slots.
+    """
+    ids: Any
+    attention_mask: Any = None
+    positions: Any = None
+    segment_ids: Any = None
+    cache: dict | None = None
+    cache_index: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputRequest:
+    """What a forward pass returns.
+
+    kind: 'logits' (float32 [B,T,V] or [B,K,V] at ``positions`` [B,K]),
       'hidden' (final-normed hidden states, same positions), or 'none'.
     layer_reduce(h, layer_index) -> pytree of small arrays, applied to the embedding
       output (index 0) and each layer's output; results stacked on a leading [L+1] axis.
     attention_reduce(q [B,Tq,H,hd], k [B,S,KVH,hd], mask [B,1,Tq,S]) -> pytree of small
       arrays, applied inside every layer; results stacked on a leading [L] axis under
       'attention' (the probe's attention entropy, without a [B,H,T,T] tensor).
-    cache {'k','v': [L,B,S,KVH,hd], 'mask': [B,S] int}: KV-cache decoding; the input is
-      written at ``cache_index`` (a scalar) and attends to all valid cached slots.
     """
+    kind: str = "logits"
+    positions: Any = None
+    layer_reduce: Callable | None = None
+    attention_reduce: Callable | None = None
+
+
+def forward(params: dict, cfg: ModelConfig, inputs: TokenInputs,
+            want: OutputRequest = OutputRequest(), *, opts: ForwardOptions = ForwardOptions(),
+            lora: dict | None = None, rng=None) -> dict:
+    """Runs the decoder: ``inputs`` in, what ``want`` asks for out (a dict with 'logits'
+    or 'hidden', and 'layers', 'attention', 'cache' when requested)."""
+    input_ids, attention_mask, positions = inputs.ids, inputs.attention_mask, inputs.positions
+    segment_ids, cache, cache_index = inputs.segment_ids, inputs.cache, inputs.cache_index
+    output, output_positions = want.kind, want.positions
+    layer_reduce, attention_reduce = want.layer_reduce, want.attention_reduce
     b, t = input_ids.shape
     dt = opts.dtype
     if positions is None:
@@ -410,11 +435,12 @@ class Decoder(nnx.Module):
         dropout = 0.0 if self.lora is None else self.lora.dropout
         return dataclasses.replace(self.options, lora_scale=scale, lora_dropout=dropout)
 
-    def forward(self, input_ids, **kwargs) -> dict:
-        return forward(self.params(), self.config, input_ids, opts=self.forward_options(),
-                       lora=self.lora_params(), **kwargs)
+    def forward(self, inputs: TokenInputs, want: OutputRequest = OutputRequest(),
+                rng=None) -> dict:
+        return forward(self.params(), self.config, inputs, want, opts=self.forward_options(),
+                       lora=self.lora_params(), rng=rng)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-        return self.forward(input_ids, attention_mask=attention_mask, positions=positions,
-                            segment_ids=segment_ids)["logits"]
+        return self.forward(TokenInputs(input_ids, attention_mask, positions,
+                                        segment_ids))["logits"]
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from xft_jax import sharding
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import ForwardOptions, forward, init_kv_cache
+from xft_jax.models.decoder import (ForwardOptions, OutputRequest, TokenInputs, forward,
+                                    init_kv_cache)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0,
@@ -71,10 +72,10 @@ def make_generate_fn(cfg: ModelConfig, opts: ForwardOptions, *, max_new_tokens: 
         positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
         keys = jax.random.split(rng, max_new_tokens)
         with sharding.activation_sharding(mesh):
-            out = forward(params, cfg, prompt_ids, attention_mask=prompt_mask,
-                          positions=positions, opts=opts, lora=lora, cache=cache,
-                          cache_index=jnp.int32(0),
-                          output_positions=jnp.full((b, 1), p - 1, jnp.int32))
+            prompt = TokenInputs(prompt_ids, prompt_mask, positions, cache=cache,
+                                 cache_index=jnp.int32(0))
+            last = OutputRequest(positions=jnp.full((b, 1), p - 1, jnp.int32))
+            out = forward(params, cfg, prompt, last, opts=opts, lora=lora)
         tok = sample_next(out["logits"][:, 0], keys[0], temperature, top_p)
         next_pos = jnp.sum(prompt_mask, axis=1)               # position of the new token
         done = jnp.zeros((b,), bool) if eos_id is None else tok == eos_id
@@ -83,8 +84,9 @@ def make_generate_fn(cfg: ModelConfig, opts: ForwardOptions, *, max_new_tokens: 
             cache, tok, done = carry
             i, key = xs
             with sharding.activation_sharding(mesh):
-                o = forward(params, cfg, tok[:, None], positions=(next_pos + i)[:, None],
-                            opts=opts, lora=lora, cache=cache, cache_index=p + i)
+                one = TokenInputs(tok[:, None], positions=(next_pos + i)[:, None],
+                                  cache=cache, cache_index=p + i)
+                o = forward(params, cfg, one, opts=opts, lora=lora)
             new = sample_next(o["logits"][:, 0], key, temperature, top_p)
             new = jnp.where(done, pad_id, new)
             if eos_id is not None:
@@ -120,8 +122,8 @@ def greedy_uncached(params, cfg: ModelConfig, prompt_ids, prompt_mask, max_new_t
     @jax.jit
     def step(ids, mask, i):
         at = jnp.full((b, 1), p - 1, jnp.int32) + i
-        logits = forward(params, cfg, ids, attention_mask=mask, opts=opts, lora=lora,
-                         output_positions=at)["logits"][:, 0]
+        logits = forward(params, cfg, TokenInputs(ids, mask), OutputRequest(positions=at),
+                         opts=opts, lora=lora)["logits"][:, 0]
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return ids.at[:, p + i].set(tok), mask.at[:, p + i].set(1)
 

@@ -105,7 +105,8 @@ def pretrain(texts, tokenizer, recipe: PretrainRecipe, out_dir: str, *,
     def step(params, opt_state, batch):
         def loss_fn(p):
             ids = vocab_ids[batch[:, :-1]]
-            h = decoder.forward(p, cfg, ids, output="hidden")["hidden"]
+            h = decoder.forward(p, cfg, decoder.TokenInputs(ids),
+                                decoder.OutputRequest("hidden"))["hidden"]
             logits = jnp.einsum("btd,vd->btv", h, p["embed"][vocab_ids])
             logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
             nll = -jnp.take_along_axis(logp, batch[:, 1:, None], -1)[..., 0]

@@ -44,14 +44,13 @@ def build(config, tokenizer) -> RunData:
     pack = bool(d.pack)
     # Unpacked rows pad to the batch's power-of-two width, not max_len: every process
     # builds the same global batch, so all agree on the width (a few compiled shapes).
-    train = pipeline.make_batches(splits.train, tokenizer, seed=int(config.train.seed),
-                                  train=True, pack=pack,
-                                  buckets=None if pack else pipeline.length_buckets(
-                                      int(d.max_len)), **common)
+    train = pipeline.train_batches(splits.train, tokenizer, seed=int(config.train.seed),
+                                   pack=pack,
+                                   buckets=None if pack else pipeline.length_buckets(
+                                       int(d.max_len)), **common)
     ev = None
     if int(config.train.eval_every) > 0 and splits.validation:
-        ev = pipeline.make_batches(splits.validation[:d.eval_examples], tokenizer,
-                                   seed=0, train=False,
+        ev = pipeline.eval_batches(splits.validation[:d.eval_examples], tokenizer, seed=0,
                                    buckets=pipeline.length_buckets(int(d.max_len)), **common)
     info = {"origin": splits.origin, "num_train": len(splits.train),
             "num_validation": len(splits.validation), "num_test": len(splits.test),

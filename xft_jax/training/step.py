@@ -21,7 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xft_jax import sharding
 from xft_jax.models.config import ModelConfig
-from xft_jax.models.decoder import ForwardOptions, forward, lm_head
+from xft_jax.models.decoder import (ForwardOptions, OutputRequest, TokenInputs, forward,
+                                    lm_head)
 from xft_jax.training import loss as loss_lib
 
 TRAIN_KEYS = ("input_ids", "targets", "loss_mask", "label_mask", "segment_ids", "positions")
@@ -68,9 +69,10 @@ def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
         targets = take(targets)
         loss_mask = take(loss_mask) * valid
         label_mask = take(label_mask) * valid
-    out = forward(base, cfg, batch["input_ids"], positions=batch["positions"],
-                  segment_ids=batch["segment_ids"], opts=opts, lora=lora, output="hidden",
-                  output_positions=positions, rng=rng if opts.lora_dropout > 0 else None)
+    inputs = TokenInputs(batch["input_ids"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+    out = forward(base, cfg, inputs, OutputRequest("hidden", positions), opts=opts, lora=lora,
+                  rng=rng if opts.lora_dropout > 0 else None)
     ce, correct = loss_lib.chunked_token_ce(out["hidden"], lm_head(base, cfg, opts.dtype),
                                             targets, scfg.ce_chunk)
     sums = loss_lib.masked_sums(ce, correct, loss_mask, label_mask, scfg.label_loss_weight)
