@@ -200,8 +200,8 @@ def _jitted(fn, shard, dtype=None):
 
 
 def _transposed(arr, transpose: bool, shard):
-    """HF [out, in] -> our [in, out] on device, as a program of its own: XLA:CPU runs a
-    lone transpose ~15x faster than one fused into the stacking update."""
+    """HF [out, in] -> our [in, out] on device, as a program of its own rather than fused
+    into the stacking update (faster on XLA:CPU; see bench/README.md)."""
     return _jitted(_swap_last, shard)(arr) if transpose else arr
 
 
