@@ -16,7 +16,7 @@ import gzip
 import io
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from xft_jax.atomic import atomic_open
 from xft_jax.data.schema import RatedExample, SchemaError
