@@ -4,6 +4,7 @@ checkpoint, both give our logits within 1e-4 (float32)."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -83,6 +84,11 @@ def test_peft_export_matches_pytorch(run, tmp_path):
                         "--format=peft", f"--out={out}"], cwd=REPO, env=env,
                        capture_output=True, timeout=300)
     assert p.returncode == 0, p.stderr.decode()[-3000:]
+    mask = os.umask(0o022)
+    os.umask(mask)                                  # the export respects the umask
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~mask
+    for name in os.listdir(out):
+        assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o666 & ~mask, name
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16.0 and cfg["peft_type"] == "LORA"
     base = os.path.join(run, "base_model")
@@ -102,3 +108,32 @@ def test_merged_export_matches(run, tmp_path):
     theirs = _torch_logits(load_hf_model(out))
     m = MASK.astype(bool)
     np.testing.assert_allclose(_ours(run)[m], theirs[m], atol=1e-4, rtol=0)
+
+
+def test_export_is_evaluated_on_the_runs_own_split(run, tmp_path):
+    """model.path + adapter (and a merged export) default to the same test split as the
+    run's workdir, from the run config the export carries."""
+    from xft_jax import config_defaults
+    from xft_jax.eval.evaluation import run_evaluation
+
+    adapter = str(tmp_path / "adapter")
+    export_run(run, "peft", adapter)
+    base = json.load(open(os.path.join(adapter, "adapter_config.json")))[
+        "base_model_name_or_path"]
+    docs = {}
+    for kind in ("workdir", "adapter"):
+        ec = config_defaults.eval_config()
+        ec.mesh.fsdp, ec.mesh.num_devices = 1, 1
+        ec.eval.batch_size = 8
+        ec.model.dtype = "float32"
+        if kind == "workdir":
+            ec.model.workdir = run
+        else:
+            ec.model.path, ec.model.adapter = base, adapter
+        docs[kind] = run_evaluation(ec, str(tmp_path / f"eval_{kind}"))
+    w, a = docs["workdir"], docs["adapter"]
+    assert a["model"]["run_config_from"] == os.path.join(adapter, "xft_jax_run.json")
+    assert a["data"]["examples"] == w["data"]["examples"]
+    assert a["data"]["num_synthetic"] == w["data"]["num_synthetic"] == 64
+    assert a["metrics"]["n"] == w["metrics"]["n"]
+    assert a["metrics"]["accuracy"] == pytest.approx(w["metrics"]["accuracy"])

@@ -1,5 +1,9 @@
 """Atomic file writes: write beside the destination, rename into place only on success,
-so a crash or a full disk never leaves a half-written file where a good one was."""
+so a crash or a full disk never leaves a half-written file where a good one was.
+
+``tempfile`` makes its files 0600 and its directories 0700; what is renamed into place
+gets the mode a plain ``open`` / ``os.makedirs`` would have given it (0666 / 0777 less
+the umask), so reports, results and exports are as readable as any other output."""
 
 from __future__ import annotations
 
@@ -14,6 +18,31 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask``
+    sets it, briefly leaving other threads' files unmasked)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode ``os.makedirs`` gives a new directory."""
+    return 0o777 & ~umask()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str) -> Iterator[str]:
     """Yields a temporary path next to ``dest``; renamed onto ``dest`` if the block succeeds."""
@@ -24,6 +53,8 @@ def atomic_path(dest: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # after the block: a writer given the path may have replaced the file (safetensors)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -72,9 +103,11 @@ def write_json(dest: str, obj: Any, sort_keys: bool = False) -> None:
 
 def replace_dir(staging: str, final: str) -> None:
     """Puts a finished directory at ``final``. An existing one is first moved aside and
-    removed only once the new one is in place, so ``final`` is never left half-written."""
+    removed only once the new one is in place, so ``final`` is never left half-written.
+    ``staging`` (often a 0700 ``tempfile.mkdtemp``) gets the usual directory mode."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
+    os.chmod(staging, dir_mode())
     old = None
     if os.path.exists(final):
         old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}-old-")

@@ -4,7 +4,8 @@ A model comes from one of: a training workdir (orbax checkpoint of LoRA params o
 base named in its metadata, via ``training.restore.load_trained``), an HF base model plus
 an optional PEFT adapter, or a merged HF checkpoint. Data come from the same pipeline as
 training; fields the eval config leaves empty are taken from the run's own config, so by
-default a run is evaluated on exactly its own test split. A training run is evaluated at
+default a run is evaluated on exactly its own test split (an export of a run carries its
+config for this, ``training.export_run.RUN_FILE``). A training run is evaluated at
 the checkpoint it selected on validation (``<workdir>/validation.json``) unless a step is
 given; a run that recorded no validation curve, at its latest checkpoint.
 """
@@ -12,6 +13,7 @@ given; a run that recorded no validation curve, at its latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -35,6 +37,7 @@ from xft_jax.models.tokenizer import load_tokenizer
 from xft_jax.quantization import QuantConfig
 from xft_jax.training import selection
 from xft_jax.training.base_model import load_base, tokenizer_path
+from xft_jax.training.export_run import RUN_FILE
 from xft_jax.training.restore import load_trained
 
 # Used only when neither the eval config nor a training run says (config_defaults).
@@ -82,7 +85,24 @@ def load_model(mc, mesh) -> Loaded:
     if mc.adapter:
         lora_lib.load_peft_adapter(model, mc.adapter, mesh)
         info.update(kind="base+adapter", adapter=os.path.abspath(mc.adapter))
-    return Loaded(model, load_tokenizer(mc.tokenizer or mc.path), None, info)
+    run, run_file = exported_run_config(mc.adapter or mc.path)
+    if run_file:
+        info["run_config_from"] = run_file
+    return Loaded(model, load_tokenizer(mc.tokenizer or mc.path), run, info)
+
+
+def exported_run_config(path: str):
+    """(run config, its file) of a run exported by ``xft_jax.export`` to ``path``, else
+    (None, None): an export is then evaluated on its run's own data by default, the
+    same split as evaluating the run's workdir."""
+    run_file = os.path.join(path, RUN_FILE)
+    if not os.path.exists(run_file):
+        return None, None
+    try:
+        with open(run_file, encoding="utf-8") as f:
+            return config_defaults.with_defaults(json.load(f)["config"]), run_file
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigValueError(f"{run_file}: not a readable export record ({e!r})") from e
 
 
 def checkpoint_step(workdir: str, step: int | None) -> tuple[int | None, str]:

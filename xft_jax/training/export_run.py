@@ -19,6 +19,9 @@ from xft_jax.training import selection
 from xft_jax.training.checkpoint import Checkpoints
 from xft_jax.training.restore import load_trained
 
+# The training run an export came from (its config, workdir and step), so evaluating the
+# export reads the run's own data settings, as evaluating the workdir does.
+RUN_FILE = "xft_jax_run.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
 FORMATS = ("peft", "merged")
@@ -57,6 +60,7 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
       ``peft.PeftModel.from_pretrained(base, out)``.
     merged: an HF checkpoint with the adapters folded into the base (merge in float32,
       saved in ``dtype`` or the run's model.dtype), tokenizer files of the base copied.
+    Both carry ``RUN_FILE`` (the run's config), which the evaluator reads for its data.
 
     Everything is written to a directory beside ``out`` and swapped in whole when
     complete, so ``out`` never mixes files of two exports (a stale shard index, say).
@@ -80,6 +84,9 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
                 src = os.path.join(base_path, name)
                 if os.path.exists(src):
                     shutil.copyfile(src, os.path.join(staging, name))
+        atomic.write_json(os.path.join(staging, RUN_FILE),
+                          {"workdir": os.path.abspath(workdir), "step": int(step),
+                           "config": meta["config"]}, sort_keys=True)
         atomic.replace_dir(staging, out)
     finally:
         with contextlib.suppress(OSError):
