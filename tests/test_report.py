@@ -53,16 +53,22 @@ def test_report_tables_and_bootstrap_by_hand(tmp_path):
     assert ref["diff"] == pytest.approx(d.mean())
     assert (f"{ref['diff']:+.3f} [{ref['ci_low']:+.3f}, {ref['ci_high']:+.3f}] "
             f"p={ref['p_value']:.3f}") in text
-    wins = int(d.mean() > 0)
-    holm_wins = int(d.mean() > 0 and ref["p_value"] <= 0.05)   # one setting: Holm = plain
-    assert f"explanation beats label_only in {wins}/1 ({holm_wins} after correction" in text
+    # a win is one whose interval lies above zero (not a point estimate above zero)
+    wins = int(ref["ci_low"] > 0)
+    holm_wins = int(ref["ci_low"] > 0 and ref["p_value"] <= 0.05)  # one setting: Holm = plain
+    assert (f"explanation beats label_only in {wins}/1 settings (95% CI above zero; "
+            f"{holm_wins} after Holm's correction)") in text
     assert "1 of the 2 settings lack a run of either variant" in text
+    assert text.index("## Summary") < text.index("## Accuracy")
+    for png in ("accuracy.png", "differences.png", "predicted_labels.png"):
+        assert f"]({png})" in text                       # embedded, not only written
     rows = list(csv.DictReader(open(os.path.join(root, "report", "results.csv"))))
     row = [r for r in rows if r["variant"] == "explanation" and r["axis"] == "naturalness"][0]
     assert float(row["acc_diff_vs_label_only"]) == pytest.approx(d.mean())
     missing = [r for r in rows if r["variant"] == "explanation" and r["axis"] == "on_topic"][0]
     assert missing["accuracy_mean"] == "" and missing["acc_diff_vs_label_only"] == ""
-    for f in ("report.md", "results.csv", "accuracy.png", "differences.png"):
+    for f in ("report.md", "results.csv", "accuracy.png", "differences.png",
+              "predicted_labels.png"):
         assert os.path.getsize(os.path.join(root, "report", f)) > 0
 
 
@@ -94,9 +100,13 @@ def test_wins_are_counted_before_and_after_holm_correction():
     assert 0.025 < d[settings[1]]["p_value"] < 0.05
     assert not d[settings[2]]["significant_holm"]
     w = data["wins"]["explanation"]
-    assert (w["wins"], w["holm_wins"], w["holm_losses"], w["compared"]) == (2, 1, 0, 3)
+    # the marginal win's interval lies above zero, the small loss's does not lie below it
+    assert (w["significant_wins"], w["holm_wins"], w["holm_losses"], w["compared"]) == (2, 1, 0, 3)
+    assert w["higher"] == 2 and w["significant_losses"] == 0
     text = tables.markdown_diffs(data, settings, ["label_only", "explanation"])
-    assert "explanation beats label_only in 2/3 (1 after correction" in text
+    assert ("explanation beats label_only in 2/3 settings (95% CI above zero; 1 after "
+            "Holm's correction)") in text
+    assert [tables.differs(d[s]) for s in settings] == [True, False, False]
 
 
 def test_bad_prediction_row_names_file_and_line(tmp_path):

@@ -2,8 +2,10 @@
 
     python -m xft_jax.report --sweep_dir=runs/paper [--out=runs/paper/report]
 
-Writes report.md, results.csv and PNG figures; prints the Markdown. The grid comes from
-the sweep's sweep.json unless given by flags. Missing cells are shown as missing.
+Writes report.md (a summary of what differs from label_only and what does not, tables,
+figures, predicted labels and confusion matrices, baselines and timing), results.csv and
+PNG figures; prints the Markdown. The grid comes from the sweep's sweep.json unless given
+by flags; a demo's timing from its timing.json. Missing cells are shown as missing.
 """
 
 from __future__ import annotations
