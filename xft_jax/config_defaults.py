@@ -42,8 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.param_dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"       # one of the six sources, or synthetic
-    c.data.path = ""                  # output of xft_jax.annotate (not needed for synthetic)
+    c.data.source = "synthetic"       # one of the six sources, chitchat, or a generated one
+    c.data.path = ""                  # output of xft_jax.annotate (not for generated sources:
+                                      # synthetic, chitchat_degraded)
     c.data.axis = "naturalness"       # naturalness | comprehensiveness | on_topic
     c.data.target = "explanation"     # label_only | explanation | shuffled | bag_of_words | random_vocab
     c.data.max_len = 1024

@@ -377,7 +377,11 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("chitchat", None, chitchat,
            "BYU Chit-Chat Challenge human-human chats (chitchat-dataset package)"),
     Source("synthetic", None, lambda row: [], "generated offline, see synthetic.py"),
+    Source("chitchat_degraded", None, lambda row: [],
+           "real chitchat turns, degraded and rated offline, see chitchat_degraded.py"),
 )}
+# Sources whose rated examples are generated (``splits.build_datasets``), with no data.path.
+GENERATED = ("synthetic", "chitchat_degraded")
 
 
 def _hub_rows(src: Source, split: str) -> Iterator[tuple[str, dict]]:
@@ -445,6 +449,10 @@ def iter_source(name: str, path: str | None = None, *, on_error: str = "raise",
             policy.report.items += 1
             yield c
         return
+    if name == "chitchat_degraded":
+        raise DataError("chitchat_degraded: generated as rated examples "
+                        "(xft_jax.data.chitchat_degraded.generate); its conversations come "
+                        "from the chitchat source")
     src = SOURCES[name]
     seen: dict[str, tuple[Conversation, str]] = {}
     for where, row in _rows(src, path, split, policy):

@@ -22,7 +22,7 @@ import hashlib
 import os
 from typing import Callable, Sequence, TypeVar
 
-from xft_jax.data import synthetic, tfds_builder
+from xft_jax.data import chitchat_degraded, synthetic, tfds_builder
 from xft_jax.data.readers import DataError, read_rated_jsonl
 from xft_jax.data.schema import RatedExample
 
@@ -30,6 +30,9 @@ T = TypeVar("T")
 TEST_FRACTION = 1 / 3  # the paper's 10,000 train / 5,000 test
 VALIDATION_FRACTION = 0.1  # of the training split, for checkpoint selection
 PAPER_NUM_TRAIN, PAPER_NUM_TEST = 10_000, 5_000
+# Sources generated offline as rated examples: name -> module with generate(n, seed) and
+# DEFAULT_NUM_ITEMS (data.num_synthetic overrides the number of items).
+GENERATORS = {"synthetic": synthetic, "chitchat_degraded": chitchat_degraded}
 
 
 def split_key(item_id: str) -> str:
@@ -141,17 +144,19 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
     (``data.source/path``). The validation split is carved from the ``num_train`` sampled
     training examples (``carve_validation``), so ``train`` holds the rest.
 
-    ``synthetic`` without a path generates ``num_synthetic`` items (default 3000) with
-    ``seed`` and splits them by hashed id. Otherwise ``path`` is what
+    A generated source (``synthetic``, ``chitchat_degraded``) without a path generates
+    ``num_synthetic`` items (default: the module's ``DEFAULT_NUM_ITEMS``) with ``seed`` and
+    splits them by hashed id. Otherwise ``path`` is what
     ``python -m xft_jax.annotate`` wrote: its output directory (JSONL
     ``<source>/{train,test}.jsonl``), a TFDS data_dir holding the ``xft_rated/<source>``
     dataset, or that dataset's version directory.
     """
-    if source == "synthetic" and path is None:
-        n = synthetic.DEFAULT_NUM_ITEMS if num_synthetic is None else num_synthetic
-        parts = sample_split(synthetic.generate(n, seed), num_train, num_test, test_fraction)
+    if source in GENERATORS and path is None:
+        module = GENERATORS[source]
+        n = module.DEFAULT_NUM_ITEMS if num_synthetic is None else num_synthetic
+        parts = sample_split(module.generate(n, seed), num_train, num_test, test_fraction)
         train, val = carve_validation(parts["train"], validation_fraction)
-        return DatasetSplits(train, parts["test"], source, f"synthetic(n={n}, seed={seed})",
+        return DatasetSplits(train, parts["test"], source, f"{source}(n={n}, seed={seed})",
                              val)
     if path is None:
         raise DataError(f"{source}: data.path is required (the output of xft_jax.annotate)")

@@ -182,7 +182,7 @@ def _corrupt(rng: random.Random, text: str, level: int) -> str:
     return " ".join(out or words[:1])
 
 
-def _levels(rng: random.Random) -> dict[str, int]:
+def axis_levels(rng: random.Random) -> dict[str, int]:
     on_topic = rng.randint(1, 5)
     comp = 1 if on_topic == 1 else rng.randint(1, 2 if on_topic == 2 else 5)
     return {"naturalness": rng.randint(1, 5), "comprehensiveness": comp, "on_topic": on_topic}
@@ -194,7 +194,7 @@ def _item(seed: int, index: int):
     subjects, aspects = _DOMAINS[domain]
     subject = rng.choice(subjects)
     asked = rng.sample(aspects, 4)
-    levels = _levels(rng)
+    levels = axis_levels(rng)
     covered = rng.sample(asked, levels["comprehensiveness"] - 1)
     n_off = {5: 0, 4: 1, 3: 2, 2: 3, 1: 3}[levels["on_topic"]]
     sentences = [_fill(a[2], subject, rng.randint(2, 9)) for a in covered]
@@ -225,7 +225,7 @@ _NATURAL = {5: "reads fluently, with natural grammar and phrasing",
 
 def _explain(rng: random.Random, axis: str, perceived: int, facts: dict, level: int) -> str:
     """A one or two sentence explanation that names the factor behind the score."""
-    tone = rng.choice(_TONE[perceived])
+    verdict = tone(rng, perceived)
     if axis == "naturalness":
         body = f"The response {_NATURAL[level]}"
     elif axis == "comprehensiveness":
@@ -246,12 +246,26 @@ def _explain(rng: random.Random, axis: str, perceived: int, facts: dict, level: 
     else:
         body = (f"The response drifts to {facts['off_subject']} in {facts['off']} of its "
                 f"{facts['sentences']} sentences instead of sticking to {facts['subject']}")
+    return framed(rng, verdict, body)
+
+
+def framed(rng: random.Random, tone: str, body: str) -> str:
+    """An annotator's wording around the reason ``body``: a verdict in ``tone`` first,
+    after it, or neither."""
     opener = rng.choice(("", f"Overall {tone}. ", f"{tone.capitalize()} on this axis. "))
     closer = rng.choice((".", f", so the score is {tone}.", "; that decides the rating."))
     return f"{opener}{body}{closer}"
 
 
-def _rate(rng: random.Random, axis: str, level: int, facts: dict) -> list[ScoredAnswer]:
+def tone(rng: random.Random, perceived: int) -> str:
+    """A verdict word for a perceived level 1..5."""
+    return rng.choice(_TONE[perceived])
+
+
+def simulated_answers(rng: random.Random, level: int, explain) -> list[ScoredAnswer]:
+    """The simulated ensemble's answers for one item and axis whose construction level is
+    ``level``: each annotator perceives the level through its bias and noise, scores it on
+    each prompt variant's scale, and explains with ``explain(rng, perceived)``."""
     answers = []
     for name, bias, sd, p_bad in ANNOTATORS:
         for variant in VARIANTS:
@@ -262,8 +276,13 @@ def _rate(rng: random.Random, axis: str, level: int, facts: dict) -> list[Scored
             score = min(scale, max(1, round(1 + (latent - 1) * (scale - 1) / 4)))
             perceived = min(5, max(1, round(latent)))
             answers.append(ScoredAnswer(name, variant, rescale(score, scale),
-                                        _explain(rng, axis, perceived, facts, level)))
+                                        explain(rng, perceived)))
     return answers
+
+
+def _rate(rng: random.Random, axis: str, level: int, facts: dict) -> list[ScoredAnswer]:
+    return simulated_answers(
+        rng, level, lambda r, perceived: _explain(r, axis, perceived, facts, level))
 
 
 def generate(num_items: int, seed: int = 0) -> list[RatedExample]:

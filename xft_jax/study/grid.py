@@ -21,6 +21,7 @@ import time
 from typing import Iterable, Sequence
 
 from xft_jax import atomic
+from xft_jax.data.sources import GENERATED
 from xft_jax.data.targets import PAPER_VARIANTS  # noqa: F401 (part of this module's API)
 from xft_jax.training import run_identity
 
@@ -110,7 +111,7 @@ def cell_inputs(train_config: dict) -> dict[str, str]:
     """The paths a cell's training run reads, by config key (unset ones left out)."""
     m, d = train_config["model"], train_config["data"]
     keys = {"model.path": m.get("path"), "model.tokenizer": m.get("tokenizer"),
-            "data.path": d.get("path") if d.get("source") != "synthetic" else None}
+            "data.path": d.get("path") if d.get("source") not in GENERATED else None}
     return {k: str(v) for k, v in keys.items() if v}
 
 
