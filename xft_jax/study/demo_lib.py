@@ -1,5 +1,6 @@
-"""The demo's steps as library calls: corpus -> base model -> LoRA runs -> eval -> probe ->
-report. Every run lives in a grid cell, so an interrupted demo resumes where it stopped."""
+"""The demo's steps as library calls: base model -> LoRA runs on a generated rated corpus ->
+eval -> probe (with the untuned base as reference) -> report. Every run lives in a grid
+cell, so an interrupted demo resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -14,12 +15,10 @@ from tqdm import tqdm
 from xft_jax import atomic, config_defaults
 from xft_jax.eval import evaluation, probe_runs
 from xft_jax.data import synthetic
+from xft_jax.models.bundled import bundled_model
 from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
 from xft_jax.study import grid, pretrain, probe_summary, report_io
-from xft_jax.training import selection, trainer
-
-SOURCE = "synthetic"
-
+from xft_jax.training import trainer
 
 def eval_config(workdir: str, c):
     ec = config_defaults.eval_config()
@@ -37,7 +36,7 @@ def cell_configs(c, cell: grid.Cell, base_dir: str, sweep_dir: str):
     with tc.unlocked():
         tc.model.path = base_dir
         tc.model.tokenizer = base_dir
-        tc.data.source = SOURCE
+        tc.data.source = c.source
         tc.data.axis = cell.axis
         tc.data.target = cell.variant
         tc.data.num_synthetic = int(c.num_items)
@@ -69,42 +68,65 @@ def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> No
         probe_runs.run_probes(pc, os.path.join(root, "probe"), [ec.model.workdir])
 
 
-def majority_rates(sweep_dir: str, cells) -> dict[str, float]:
-    """Majority-class rate of each axis's evaluated examples (from gold_distribution)."""
-    rates = {}
-    for cell in cells:
-        path = os.path.join(sweep_dir, cell.rel, "eval", "metrics.json")
-        if os.path.exists(path) and cell.axis not in rates:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-            m = doc.get("metrics", doc)
-            rates[cell.axis] = float(max(m["gold_distribution"]))
-    return rates
+def base_probe_config(c, axis: str, base_dir: str, sweep_dir: str):
+    """The probe config of the untuned base on ``axis``: the same examples, prompts and
+    cuts as the cells' probes (the data section of the axis's first run)."""
+    tc, _, pc = cell_configs(c, grid.Cell(c.source, axis, c.variants[0], c.seeds[0]),
+                             base_dir, sweep_dir)
+    bc = copy.deepcopy(pc)
+    with bc.unlocked():
+        bc.model.workdir, bc.model.path = "", base_dir
+        for k in evaluation.DATA_KEYS:
+            bc.data[k] = tc.data[k]
+    return bc
 
 
-def selected_steps(sweep_dir: str, cells) -> list[str]:
-    """One line per run: the step selected on validation and its validation accuracy."""
-    out = []
-    for cell in cells:
-        doc = selection.read(os.path.join(sweep_dir, cell.rel, "train"))
-        if doc is not None and doc.get("best_step") is not None:
-            out.append(f"{cell.variant} seed {cell.seed}: step {doc['best_step']} of "
-                       f"{doc['curve'][-1]['step']} (validation accuracy "
-                       f"{doc['best_accuracy']:.3f})")
-    return out
+def run_base_probe(c, axis: str, base_dir: str, sweep_dir: str) -> None:
+    """Probes the untuned base once per axis (again only when its settings changed)."""
+    bc = base_probe_config(c, axis, base_dir, sweep_dir)
+    out_dir = probe_summary.base_probe_dir(sweep_dir, c.source, axis)
+    definition = json.loads(bc.to_json_best_effort())
+    marker = os.path.join(out_dir, "definition.json")
+    if os.path.exists(marker) and os.path.exists(os.path.join(out_dir, "probe.json")):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == definition:
+                return
+    probe_runs.run_base_probe(bc, out_dir)
+    atomic.write_json(marker, definition)
+
+
+def base_of(c, out: str) -> tuple[str, dict]:
+    """(HF directory of the base model, its identity for cell.json): the bundled real
+    model (converted once into the cache) or the toy base, known from its recipe before
+    it is pre-trained."""
+    if c.base != "toy":
+        path = bundled_model(c.base)
+        return path, {"bundled": c.base, "dir": os.path.basename(path)}
+    tok = load_tokenizer(mistral_v1_tokenizer_dir(os.path.join(out, "tokenizer")))
+    recipe = pretrain.PretrainRecipe(**c.pretrain.to_dict())
+    return os.path.join(out, "base_model"), recipe.identity(len(tok), _toy_data_tag(recipe))
+
+
+def _toy_data_tag(recipe) -> str:
+    return f"synthetic-dialogues:{recipe.num_texts}:{recipe.seed}"
+
+
+def pretrain_toy_base(c, out: str, base_dir: str, log=print) -> None:
+    """Pre-trains the toy base once (a cached one with the same recipe is reused)."""
+    tok = load_tokenizer(mistral_v1_tokenizer_dir(os.path.join(out, "tokenizer")))
+    recipe = pretrain.PretrainRecipe(**c.pretrain.to_dict())
+    texts = synthetic.pretraining_texts(recipe.num_texts, seed=recipe.seed)
+    pretrain.pretrain(texts, tok, recipe, base_dir, data_tag=_toy_data_tag(recipe), log=log)
 
 
 def run_demo(c, log=print) -> dict:
     t0 = time.time()
     out = os.path.abspath(c.out)
     os.makedirs(out, exist_ok=True)
-    tok_dir = mistral_v1_tokenizer_dir(os.path.join(out, "tokenizer"))
-    tok = load_tokenizer(tok_dir)
-    recipe = pretrain.PretrainRecipe(**c.pretrain.to_dict())
-    data_tag = f"synthetic-dialogues:{recipe.num_texts}:{recipe.seed}"
-    base_dir, sweep_dir = os.path.join(out, "base_model"), os.path.join(out, "runs")
-    cells = grid.cells([SOURCE], c.axes, c.variants, c.seeds)
-    base_model = recipe.identity(len(tok), data_tag)
+    sweep_dir = os.path.join(out, "runs")
+    cells = grid.cells([c.source], c.axes, c.variants, c.seeds)
+    base_dir, base_model = base_of(c, out)
+    log(f"[demo] base model: {c.base} ({base_dir})")
 
     def definition_of(cell):
         return cell_definition(c, cell, base_dir, sweep_dir, base_model)
@@ -112,12 +134,12 @@ def run_demo(c, log=print) -> dict:
     # Before the base model is rebuilt for a changed recipe: runs that fine-tuned the old
     # one must not be lost or reported under the new settings.
     grid.check_definitions(sweep_dir, cells, definition_of, c.probe)
-    texts = synthetic.pretraining_texts(recipe.num_texts, seed=recipe.seed)
-    pretrain.pretrain(texts, tok, recipe, base_dir, data_tag=data_tag, log=log)
+    if c.base == "toy":
+        pretrain_toy_base(c, out, base_dir, log)
     t_pre = time.time() - t0
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w", encoding="utf-8") as f:
-        json.dump({"sources": [SOURCE], "axes": list(c.axes), "variants": list(c.variants),
+        json.dump({"sources": [c.source], "axes": list(c.axes), "variants": list(c.variants),
                    "seeds": list(c.seeds), "probe": bool(c.probe)}, f, indent=2)
     for cell in tqdm(cells, desc="demo runs", unit="run"):
         if grid.is_done(sweep_dir, cell, c.probe):
@@ -128,28 +150,17 @@ def run_demo(c, log=print) -> dict:
         grid.record_definition(sweep_dir, cell, definition_of(cell))
         run_cell(c, cell, base_dir, sweep_dir, log)
         tqdm.write(f"[demo] done: {grid.score_line(sweep_dir, cell)}", file=sys.stderr)
+    if c.probe:
+        for axis in c.axes:
+            run_base_probe(c, axis, base_dir, sweep_dir)
     report_dir = os.path.join(out, "report")
+    report_io.record_timing(sweep_dir, cells, t0, t_pre, base_dir)
     text = report_io.write_report(
-        sweep_dir, report_dir, [SOURCE], c.axes, c.variants, c.seeds,
+        sweep_dir, report_dir, [c.source], c.axes, c.variants, c.seeds,
         probe_summary=probe_summary.summarize if c.probe else None)
-    majority = majority_rates(sweep_dir, cells)
-    with open(os.path.join(base_dir, "pretrain.json"), encoding="utf-8") as f:
-        pre = json.load(f)
-    extra = ["", "## Baselines and timing", ""]
-    extra += [f"- majority-class rate on the evaluated {axis} examples: {r:.3f}"
-              for axis, r in majority.items()]
-    steps = selected_steps(sweep_dir, cells)
-    if steps:
-        extra += ["- checkpoints scored on test, selected by validation accuracy: "
-                  + "; ".join(steps)]
-    extra += [f"- base model pre-training: LM loss {pre['first_loss']:.2f} -> "
-              f"{pre['last_loss']:.2f} ({recipe.steps} steps; cached after the first run)",
-              f"- wall time: {time.time() - t0:.0f} s (of which pre-training or cache check "
-              f"{t_pre:.0f} s)"]
-    text = text + "\n".join(extra) + "\n"
-    atomic.write_text(os.path.join(report_dir, "report.md"), text)
-    return {"report": text, "report_dir": report_dir, "majority": majority,
+    return {"report": text, "report_dir": report_dir,
+            "majority": report_io.majority_rates(sweep_dir, cells),
             "seconds": time.time() - t0}
 
 
-__all__ = ["run_demo", "run_cell", "cell_configs", "cell_definition", "majority_rates"]
+__all__ = ["run_demo", "run_cell", "cell_configs", "cell_definition"]
