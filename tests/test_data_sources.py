@@ -153,7 +153,7 @@ def test_ids_are_deterministic_and_limit_works():
 def test_synthetic_source_and_registry():
     assert set(sources.SOURCES) == {"chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected",
                                     "amazon_qa", "coqa", "cornell_movie", "chitchat",
-                                    "synthetic"}
+                                    "synthetic", "chitchat_degraded"}
     convs = sources.load_source("synthetic", limit=5)
     assert len(convs) == 5 and all(isinstance(c, Conversation) for c in convs)
     with pytest.raises(ValueError, match="unknown source"):
