@@ -343,10 +343,12 @@ def test_prompt_room_gives_every_variant_the_same_prompts(mistral_tokenizer):
 def test_prompt_room_from_config():
     import ml_collections
 
+    from xft_jax import config_defaults
     from xft_jax.data.targets import PAPER_VARIANTS
     from xft_jax.data.targets import prompt_room
 
-    d = ml_collections.ConfigDict({"axis": "naturalness"})
+    # a data section stored before the key existed, read as the code reads stored runs
+    d = config_defaults.with_defaults({"data": {"axis": "naturalness"}}).data
     assert prompt_room(d) == PAPER_VARIANTS          # written before the key existed
     d.prompt_room = ("explanation",)
     assert prompt_room(d) == ("explanation",)

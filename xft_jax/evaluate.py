@@ -15,26 +15,18 @@ from __future__ import annotations
 
 import json
 
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from xft_jax import console, distributed, errors
+from xft_jax import config_main, errors
 from xft_jax.eval import evaluation
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_DIST = distributed.define_flags()
-flags.mark_flags_as_required(["config", "out"])
-
-console.define_flags()
+_MAIN = config_main.ConfigMain("Eval config (configs/eval.py).", "out", "Output directory.")
 
 
 def main(argv):
     del argv
-    console.start(_CONFIG)
-    distributed.initialize_from_flags(_DIST)
-    doc = evaluation.run_evaluation(_CONFIG.value, _OUT.value)
+    config = _MAIN.start()
+    doc = evaluation.run_evaluation(config, _MAIN.directory.value)
     m = doc["metrics"]
     logging.info("n=%d accuracy=%.4f qwk=%s macro_f1=%.4f ece=%.4f %.1f examples/s",
                  m["n"], m["accuracy"], m["qwk"], m["macro_f1"], m["ece"],

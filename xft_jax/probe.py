@@ -12,33 +12,26 @@ and averaged over seeds. Writes ``probe.json``, ``probe.csv`` and ``probe_<metri
 from __future__ import annotations
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-from xft_jax import console, distributed, errors
+from xft_jax import config_main, errors
 from xft_jax.eval import probe_runs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/eval.py).",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_MAIN = config_main.ConfigMain("Eval config (configs/eval.py).", "out", "Output directory.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "Training runs to probe (default: "
                               "config.model.path / config.model.workdir alone).")
 _VARIANTS = flags.DEFINE_list("variants", [], "Variant name per workdir (default: each "
                               "run's data.target).")
-_DIST = distributed.define_flags()
-flags.mark_flags_as_required(["config", "out"])
-
-console.define_flags()
 
 
 def main(argv):
     del argv
-    console.start(_CONFIG)
-    distributed.initialize_from_flags(_DIST)
-    doc = probe_runs.run_probes(_CONFIG.value, _OUT.value, _WORKDIRS.value, _VARIANTS.value)
+    config = _MAIN.start()
+    out = _MAIN.directory.value
+    doc = probe_runs.run_probes(config, out, _WORKDIRS.value, _VARIANTS.value)
     for r in doc["runs"]:
         logging.info("%s seed %d: n=%d accuracy=%.3f", r["variant"], r["seed"], r["n"],
                      r["accuracy"])
-    print(f"wrote {_OUT.value}/probe.json, probe.csv and {len(doc.get('plots', []))} plots")
+    print(f"wrote {out}/probe.json, probe.csv and {len(doc.get('plots', []))} plots")
     return 0
 
 

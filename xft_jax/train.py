@@ -14,27 +14,20 @@ import json
 import os
 import sys
 
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from xft_jax import console, distributed, errors
+from xft_jax import config_main, errors
 from xft_jax.training.trainer import NonFiniteError, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
-_DIST = distributed.define_flags()
-flags.mark_flags_as_required(["config", "workdir"])
-
-console.define_flags()
+_MAIN = config_main.ConfigMain("Training config file.", "workdir",
+                               "Run directory (checkpoints, logs).")
 
 
 def main(argv):
     del argv
-    console.start(_CONFIG)
-    distributed.initialize_from_flags(_DIST)
+    config = _MAIN.start()
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(config, _MAIN.directory.value)
     except NonFiniteError as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -283,8 +283,8 @@ def eval_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
                   prompt_room=prompt_room, target_room=target_room,
                   chat_template=chat_template)
     ds = grain.MapDataset.source(enc.rows)[pi::pc]
-    per_host = math.ceil(len(enc.rows) / pc)
-    num_batches = math.ceil(per_host / batch_size)
+    per_process = math.ceil(len(enc.rows) / pc)
+    num_batches = math.ceil(per_process / batch_size)
     rows = [ds[i] for i in range(len(ds))]
     if sort_by_length:
         rows.sort(key=lambda r: len(r["input_ids"]))     # stable: ties keep their order

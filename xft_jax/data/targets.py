@@ -153,10 +153,9 @@ def _summary(lengths: list[int]) -> dict:
 
 
 def prompt_room(d) -> tuple[str, ...]:
-    """``data.prompt_room`` as a tuple of target variants; None, or a data section stored
-    before the key existed, gives the paper's variants."""
-    room = d.get("prompt_room", None)
-    room = PAPER_VARIANTS if room is None else room
+    """``data.prompt_room`` as a tuple of target variants; None gives the paper's variants.
+    A run stored before the key existed has it from ``config_defaults.with_defaults``."""
+    room = PAPER_VARIANTS if d.prompt_room is None else d.prompt_room
     if isinstance(room, str) or not all(v in TARGET_VARIANTS for v in room):
         raise ConfigValueError(f"config.data.prompt_room={room!r}: expected a tuple of "
                                f"target variants from {TARGET_VARIANTS}")

@@ -331,13 +331,6 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *,
 
 
 # ------------------------------------------------------------------------ saving
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
 def _saved_leaves(model: Decoder):
     """(keys, value) of every parameter leaf a save writes (LoRA adapters are not)."""
     state = nnx.state(model, nnx.Param)
@@ -373,11 +366,11 @@ def hf_state_items(model: Decoder, dtype=None):
         leaf = keys[-1]
         if keys[0] == "layers":
             for i in range(value.shape[0]):
-                a = _host(value[i])
+                a = sharding.to_host(value[i])
                 a = a.T if leaf in TRANSPOSED else a
                 yield LAYER_PREFIX.format(i=i) + HF_LAYER_NAMES[leaf], _cast(a, dtype)
         else:
-            a = _host(value)
+            a = sharding.to_host(value)
             yield HF_TOP_NAMES[leaf], _cast(a.T if leaf in TRANSPOSED else a, dtype)
 
 

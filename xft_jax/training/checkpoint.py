@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xft_jax import distributed
+from xft_jax import distributed, sharding
 from xft_jax.errors import MissingPathError, UserError
 
 ITEMS = ("state", "data", "meta")
@@ -41,19 +41,11 @@ class CheckpointCorruptError(UserError, ValueError):
     """A checkpoint that cannot be read or does not match its recorded digests."""
 
 
-def _host_array(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def state_digests(state) -> dict[str, str]:
     """sha256 of (dtype, shape, bytes) per array of ``state``, keyed by its tree path."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        a = np.ascontiguousarray(_host_array(leaf))
+        a = np.ascontiguousarray(sharding.to_host(leaf))
         h = hashlib.sha256(f"{a.dtype.str}:{a.shape};".encode())
         h.update(a.tobytes())
         out[jax.tree_util.keystr(path)] = h.hexdigest()
@@ -64,7 +56,7 @@ def non_finite_arrays(state) -> list[str]:
     """Tree paths of the floating-point arrays of ``state`` holding NaN or inf."""
     bad = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        a = _host_array(leaf)
+        a = sharding.to_host(leaf)
         if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
             bad.append(jax.tree_util.keystr(path))
     return bad
