@@ -5,6 +5,7 @@
     sources.py           the six public sources (+ synthetic) -> Conversations; SOURCES
     synthetic.py         generated corpus rated by simulated annotators
     chitchat_degraded.py real chitchat turns, degraded per axis, rated by the same annotators
+    id_hash.py           where an id belongs (split and sampling hashes)
     splits.py            hashed train/test split, sampling, build_datasets()
     rubrics.py           what each axis means (annotators and training prompt share it)
     annotation_prompts.py  four annotator prompt variants, strict answer parsing

@@ -17,7 +17,7 @@ real turns (which are casual chat, typos included). The simulated annotator ense
 explanations name specifics of the item — the words repeated or dropped, where the reply
 breaks off, what the intruding turn is about — so an explanation says more than its label.
 Deterministic in ``seed``; item i is the same whatever ``num_items`` is, and all items of
-one chat share an id group (``splits.split_key``), so a chat never spans two splits.
+one chat share an id group (``id_hash.split_key``), so a chat never spans two splits.
 
     generate(num_items, seed) -> list[RatedExample]
 """
@@ -28,7 +28,8 @@ import functools
 import random
 import re
 
-from xft_jax.data import sources, splits
+from xft_jax.data import sources
+from xft_jax.data.id_hash import split_of
 from xft_jax.data.aggregate import aggregate_axis
 from xft_jax.data.schema import AXES, Conversation, RatedExample
 from xft_jax.data.synthetic import axis_levels, framed, simulated_answers, tone
@@ -171,7 +172,7 @@ class _Corpus:
                                     f"{MIN_REPLY_WORDS}-{MAX_REPLY_WORDS} words")
         self.by_split: dict[str, list[int]] = {"train": [], "test": []}
         for i, (key, _, _) in enumerate(self.chats):
-            self.by_split[splits.split_of(self._id(key, 0, 0))].append(i)
+            self.by_split[split_of(self._id(key, 0, 0))].append(i)
 
     @functools.lru_cache(maxsize=4)
     def _order(self, seed: int) -> list[int]:
@@ -193,7 +194,7 @@ class _Corpus:
         foreign: list[str] = []
         if share:
             item_id = self._id(key, seed, index)
-            pool = [i for i in self.by_split[splits.split_of(item_id)] if self.chats[i][0] != key]
+            pool = [i for i in self.by_split[split_of(item_id)] if self.chats[i][0] != key]
             _, oturns, ocuts = self.chats[rng.choice(pool)]
             other = oturns[rng.choice(ocuts)][1].split()
             if share >= 1.0:

@@ -18,41 +18,20 @@ evaluation only.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Callable, Sequence, TypeVar
 
 from xft_jax.data import chitchat_degraded, synthetic, tfds_builder
+from xft_jax.data.id_hash import TEST_FRACTION, is_validation, split_key, split_of, unit_hash
 from xft_jax.data.readers import DataError, read_rated_jsonl
 from xft_jax.data.schema import RatedExample
 
 T = TypeVar("T")
-TEST_FRACTION = 1 / 3  # the paper's 10,000 train / 5,000 test
 VALIDATION_FRACTION = 0.1  # of the training split, for checkpoint selection
 PAPER_NUM_TRAIN, PAPER_NUM_TEST = 10_000, 5_000
 # Sources generated offline as rated examples: name -> module with generate(n, seed) and
 # DEFAULT_NUM_ITEMS (data.num_synthetic overrides the number of items).
 GENERATORS = {"synthetic": synthetic, "chitchat_degraded": chitchat_degraded}
-
-
-def split_key(item_id: str) -> str:
-    return item_id.split("#", 1)[0]
-
-
-def _unit(salt: str, key: str) -> float:
-    h = hashlib.sha256(f"{salt}\x1f{key}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") / 2.0 ** 64
-
-
-def split_of(item_id: str, test_fraction: float = TEST_FRACTION) -> str:
-    """'test' for a fixed ``test_fraction`` of id groups, 'train' for the rest."""
-    return "test" if _unit("xft_jax/split", split_key(item_id)) < test_fraction else "train"
-
-
-def is_validation(item_id: str, fraction: float) -> bool:
-    """Whether a training item belongs to the validation split carved from it; depends on
-    its id group only, independently of the train/test hash."""
-    return _unit("xft_jax/validation", split_key(item_id)) < fraction
 
 
 def carve_validation(train: Sequence[T], fraction: float,
@@ -75,7 +54,7 @@ def sample_split(items: Sequence[T], num_train: int | None = None, num_test: int
     for item in items:
         out[split_of(key(item), test_fraction)].append(item)
     for name, n in (("train", num_train), ("test", num_test)):
-        out[name].sort(key=lambda x: (_unit("xft_jax/sample", key(x)), key(x)))
+        out[name].sort(key=lambda x: (unit_hash("xft_jax/sample", key(x)), key(x)))
         if n is not None:
             out[name] = out[name][:n]
     return out
@@ -181,8 +160,8 @@ def build_datasets(source: str, path: str | None = None, *, num_train: int | Non
         if ex.conversation.source != source:
             raise DataError(f"{origin}: example {ex.id!r} is from {ex.conversation.source!r}, "
                             f"not {source!r}")
-    train.sort(key=lambda x: (_unit("xft_jax/sample", x.id), x.id))
-    test.sort(key=lambda x: (_unit("xft_jax/sample", x.id), x.id))
+    train.sort(key=lambda x: (unit_hash("xft_jax/sample", x.id), x.id))
+    test.sort(key=lambda x: (unit_hash("xft_jax/sample", x.id), x.id))
     train, val = carve_validation(train[:num_train], validation_fraction)
     return DatasetSplits(train, test[:num_test], source, origin, val)
 
