@@ -133,7 +133,8 @@ def test_probe_summary_by_hand(tmp_path):
             mass = [0.1 * layer + shift / 10 for layer in range(7)]
             curves[(v, k)] = (act, mass)
             summary = {m: {"mean": act if m.startswith("act") else mass, "std": [0.0] * 7}
-                       for m in ("act_entropy", "act_entropy_prompt", "lens_entropy",
+                       for m in ("act_entropy", "act_entropy_norm", "act_entropy_trim",
+                                 "act_entropy_prompt", "lens_entropy", "lens_label_maxprob",
                                  "lens_label_mass", "lens_label_entropy", "attn_entropy")}
             with open(os.path.join(d, "probe.json"), "w") as f:
                 json.dump({"runs": [{"summary": summary}]}, f)
@@ -145,7 +146,8 @@ def test_probe_summary_by_hand(tmp_path):
     for v in ("label_only", "explanation"):
         mid = np.array([np.mean(curves[(v, k)][0][3:5]) for k in (0, 1)])
         last = np.array([curves[(v, k)][1][-1] for k in (0, 1)])
-        assert (f"| {v} | 2 | {mid.mean():.4f} ± {mid.std():.4f} | "
-                f"{last.mean():.4f} ± {last.std():.4f} |") in text
-    assert "| shuffled | 0 | missing | missing | missing |" in text
+        out_cell = f"{last.mean():.4f} ± {last.std():.4f}"       # the three output columns
+        mid_cell = f"{mid.mean():.4f} ± {mid.std():.4f}"         # the three middle columns
+        assert (f"| {v} | 2 | " + " | ".join([out_cell] * 3 + [mid_cell] * 3) + " |") in text
+    assert "| shuffled | 0 | " + " | ".join(["missing"] * 6) + " |" in text
     assert os.path.getsize(os.path.join(out, "probe_act_entropy.png")) > 0
