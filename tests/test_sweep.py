@@ -36,6 +36,14 @@ def test_dry_run_lists_every_cell(tmp_path):
          f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=(0,1)", *_inputs(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "180 cells = 6 sources x 3 axes x 5 variants x 2 seeds" in out2
+    # one probe of the untuned base per setting: the reference of the probe section
+    base = [l for l in out.splitlines() if l.startswith("base probe ")]
+    assert len(base) == 6 * 3 and "base probe coqa/on_topic/base [pending]" in out
+    lines = out.splitlines()
+    cmd = lines[lines.index(next(l for l in base if "coqa/on_topic/" in l)) + 1]
+    assert "-m xft_jax.probe " in cmd and f"--out={tmp_path}/coqa/on_topic/base/probe" in cmd
+    assert f"--config.model.path={tmp_path}/inputs/model" in cmd
+    assert "--config.data.axis=on_topic" in cmd and "--config.data.source=coqa" in cmd
 
 
 def test_dry_run_shows_the_inputs_and_fails_early_on_a_missing_one(tmp_path):
@@ -222,3 +230,42 @@ def test_cells_leave_prompt_room_for_every_variant_of_the_sweep():
     d = parsed()
     assert d["target"] == "label_only" and tuple(d["prompt_room"]) == variants
     assert tuple(parsed(["--config.data.prompt_room=()"])["prompt_room"]) == ()
+
+
+def test_launcher_mode_submits_the_base_probe_once_per_setting(tmp_path):
+    sweep = str(tmp_path)
+    out = _launch(sweep, "--config.probe=True", *_inputs(tmp_path, ["coqa"]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = sorted(os.listdir(os.path.join(sweep, "jobs")))
+    assert jobs == ["coqa__naturalness__base.sh", "coqa__naturalness__explanation__seed0.sh",
+                    "coqa__naturalness__label_only__seed0.sh"]
+    script = open(os.path.join(sweep, "jobs", jobs[0])).read()
+    assert "-m xft_jax.probe" in script and "xft_jax.train" not in script
+    assert f"--out={sweep}/coqa/naturalness/base/probe" in script
+    assert sum(l.startswith("+ ") for l in out.stdout.splitlines()) == 3
+
+
+def test_base_probe_runs_once_per_command_and_reports_failure(tmp_path):
+    from xft_jax import sweep as sweep_main
+    from xft_jax.study import probe_summary
+
+    sweep, setting = str(tmp_path), ("coqa", "naturalness")
+    out_dir = probe_summary.base_probe_dir(sweep, *setting)
+    write = ("import json, os, sys; d = sys.argv[1]; "
+             "open(os.path.join(d, 'calls'), 'a').write('x'); "
+             "json.dump({'runs': []}, open(os.path.join(d, 'probe.json'), 'w'))")
+    cmd = [sys.executable, "-c", write, out_dir]
+    lines = []
+    assert sweep_main.run_base_probe(sweep, setting, cmd, lines.append) is None
+    assert sweep_main.base_probe_done(sweep, setting, cmd)
+    assert sweep_main.run_base_probe(sweep, setting, cmd, lines.append) is None
+    assert open(os.path.join(out_dir, "calls")).read() == "x"       # skipped the second time
+    assert lines[-1] == "[sweep] finished earlier, skipped: coqa/naturalness/base"
+    changed = cmd + ["--config.data.max_len=64"]                      # other settings: runs again
+    assert not sweep_main.base_probe_done(sweep, setting, changed)
+    assert sweep_main.run_base_probe(sweep, setting, changed, lines.append) is None
+    assert open(os.path.join(out_dir, "calls")).read() == "xx"
+    err = sweep_main.run_base_probe(sweep, setting, [sys.executable, "-c", "raise SystemExit(4)"])
+    assert err == f"exit 4, see {out_dir}/log.txt"
+    assert not sweep_main.base_probe_done(sweep, setting, [sys.executable, "-c",
+                                                            "raise SystemExit(4)"])

@@ -22,8 +22,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from xft_jax import console, errors
-from xft_jax.study import grid
+from xft_jax import atomic, console, errors
+from xft_jax.study import grid, probe_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Sweep config.")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of all cells.", required=True)
@@ -59,7 +59,13 @@ def main(argv):
               file=sys.stderr)
         if not _DRY_RUN.value:
             return 2
+    probes = base_probes(cell_list, sweep_dir, definition_of) if c.probe else []
     if _DRY_RUN.value:
+        for setting, cmd in probes:
+            state = "done" if base_probe_done(sweep_dir, setting, cmd) else "pending"
+            print(f"base probe {os.path.join(*setting, probe_summary.BASE)} [{state}] (the "
+                  f"untuned base, the probe's reference)")
+            print(shlex.join(cmd))
         for cell in cell_list:
             state = "done" if grid.is_done(sweep_dir, cell, c.probe) else "pending"
             conflict = (state == "done" and
@@ -81,16 +87,22 @@ def main(argv):
     if c.launcher == "local":
         result = grid.run_local(cell_list, sweep_dir, commands_of, c.probe, c.max_attempts,
                                 log=logging.info, definition_of=definition_of)
+        failed_probes = [f"{os.path.join(*s, probe_summary.BASE)} ({err})"
+                         for s, cmd in probes
+                         if (err := run_base_probe(sweep_dir, s, cmd, logging.info))]
     elif c.launcher in LAUNCHERS:
         result = submit_jobs(cell_list, sweep_dir, commands_of, c.probe, LAUNCHERS[c.launcher],
-                             definition_of)
+                             definition_of, probes)
+        failed_probes = []
     else:
         raise ValueError(f"config.launcher={c.launcher!r}; expected local or one of "
                          f"{sorted(LAUNCHERS)}")
     summary = {k: [cell.rel for cell in v] for k, v in result.items()}
     print(json.dumps({k: len(v) for k, v in summary.items()}))
-    for rel in summary.get("failed", []):
+    for rel in summary.get("failed", []) + failed_probes:
         print(f"FAILED {rel}")
+    if failed_probes:
+        sys.exit(1)
     if summary.get("failed"):
         sys.exit(1)
 
@@ -115,10 +127,66 @@ def show_inputs(cell_list, definition_of) -> list[str]:
     return missing
 
 
-def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_of):
+def base_probes(cell_list, sweep_dir, definition_of) -> list[tuple[tuple[str, str], list]]:
+    """[(setting, argv)]: the untuned base's probe per setting (source, axis), the reference
+    curve of the report's probe section, on the model and test data of the setting's first
+    cell (the setting's cells differ only in target and seed)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for cell in cell_list:
+        if cell.setting not in out:
+            out[cell.setting] = probe_summary.base_probe_command(
+                sweep_dir, *cell.setting, definition_of(cell)["train"])
+    return list(out.items())
+
+
+def _base_marker(sweep_dir, setting) -> str:
+    return os.path.join(probe_summary.base_probe_dir(sweep_dir, *setting), "command.json")
+
+
+def base_probe_done(sweep_dir, setting, cmd) -> bool:
+    """Its probe.json exists and was written by the same command (the interpreter aside)."""
+    out_dir = probe_summary.base_probe_dir(sweep_dir, *setting)
+    marker = _base_marker(sweep_dir, setting)
+    if not (os.path.exists(os.path.join(out_dir, "probe.json")) and os.path.exists(marker)):
+        return False
+    with open(marker, encoding="utf-8") as f:
+        return json.load(f) == list(cmd[1:])
+
+
+def run_base_probe(sweep_dir, setting, cmd, log=print) -> str | None:
+    """Runs one base probe unless it is done under the same command; returns why it
+    failed, or None."""
+    where = os.path.join(*setting, probe_summary.BASE)
+    if base_probe_done(sweep_dir, setting, cmd):
+        log(f"[sweep] finished earlier, skipped: {where}")
+        return None
+    out_dir = probe_summary.base_probe_dir(sweep_dir, *setting)
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.txt")
+    with open(log_path, "a", encoding="utf-8") as logf:
+        logf.write("$ " + shlex.join(cmd) + "\n")
+        logf.flush()
+        rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    if rc != 0:
+        return f"exit {rc}, see {log_path}"
+    atomic.write_json(_base_marker(sweep_dir, setting), list(cmd[1:]))
+    log(f"[sweep] done: {where} (results in {out_dir})")
+    return None
+
+
+def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_of,
+                probes=()):
     jobs = os.path.join(sweep_dir, "jobs")
     os.makedirs(jobs, exist_ok=True)
     result = {"submitted": [], "skipped": []}
+    for setting, cmd in probes:
+        if base_probe_done(sweep_dir, setting, cmd):
+            continue
+        script = os.path.join(jobs, "__".join((*setting, probe_summary.BASE)) + ".sh")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(grid.job_script(grid.Cell(*setting, probe_summary.BASE, 0), [cmd]))
+        os.chmod(script, 0o755)
+        _submit(launcher, script)
     for cell in cell_list:
         if grid.is_done(sweep_dir, cell, probe):
             result["skipped"].append(cell)
@@ -128,12 +196,16 @@ def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_o
             f.write(grid.job_script(cell, commands_of(cell)))
         os.chmod(script, 0o755)
         grid.record_definition(sweep_dir, cell, definition_of(cell))
-        cmd = (["sbatch", launcher, "--", "bash", script] if launcher.endswith(".sbatch")
-               else ["bash", launcher, "--", "bash", script])
-        logging.info("submitting %s", shlex.join(cmd))
-        subprocess.run(cmd, check=True)
+        _submit(launcher, script)
         result["submitted"].append(cell)
     return result
+
+
+def _submit(launcher: str, script: str) -> None:
+    cmd = (["sbatch", launcher, "--", "bash", script] if launcher.endswith(".sbatch")
+           else ["bash", launcher, "--", "bash", script])
+    logging.info("submitting %s", shlex.join(cmd))
+    subprocess.run(cmd, check=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from xft_jax.eval import outputs
+from xft_jax.eval.evaluation import DATA_KEYS
 from xft_jax.eval.probe import OUTLIER_K, middle_layers  # noqa: F401 (middle_layers: API)
 from xft_jax.study import bootstrap
 from xft_jax.study.grid import cells
@@ -55,8 +56,6 @@ def base_probe_command(sweep_dir: str, source: str, axis: str, train: Mapping,
     """argv of ``xft_jax.probe`` on the untuned base of a setting, from one of its cells'
     resolved training config ``train`` (as ``grid.commands_definition`` gives it): the
     same base, dtype, quantisation and test data (prompt room included) as the runs."""
-    from xft_jax.eval.evaluation import DATA_KEYS
-
     m, d = train["model"], train["data"]
     args = [python, "-m", "xft_jax.probe", f"--config={eval_config}",
             f"--out={base_probe_dir(sweep_dir, source, axis)}",
