@@ -89,3 +89,30 @@ def test_smoke_demo_on_the_toy_base_caches_it_and_names_a_changed_recipe(tmp_pat
     assert "base_model.steps: " in err and "naturalness/label_only/seed0/cell.json" in err
     for f, data in kept.items():                       # nothing rebuilt or overwritten
         assert open(os.path.join(out, f), "rb").read() == data, f
+
+
+def test_a_demo_stopped_by_sigterm_evaluates_nothing_and_says_how_to_resume(tmp_path,
+                                                                            monkeypatch):
+    """The trainer returns 'preempted' after SIGTERM (saved, resumable): the demo must
+    stop there, not evaluate a half-trained run as a finished cell."""
+    from xft_jax.study import demo_configs, demo_lib, grid
+    from xft_jax.training.trainer import TrainResult
+
+    c = demo_configs.demo_config("smoke")
+    c.out = str(tmp_path / "demo")
+    monkeypatch.setattr(demo_lib, "base_of", lambda c, out: (str(tmp_path / "base"),
+                                                               {"bundled": "fake"}))
+    monkeypatch.setattr(demo_lib.trainer, "train", lambda tc, wd: TrainResult(
+        step=1, status="preempted", last_metrics={}, workdir=wd))
+
+    def no_eval(*a, **k):
+        raise AssertionError("evaluated an unfinished run")
+
+    monkeypatch.setattr(demo_lib.evaluation, "run_evaluation", no_eval)
+    result = demo_lib.run_demo(c, log=lambda *_: None)
+    first = grid.cells([c.source], c.axes, c.variants, c.seeds)[0]
+    assert result["stopped"] == first.rel
+    assert "stopped by SIGTERM" in result["report"] and "at step 1" in result["report"]
+    sweep_dir = os.path.join(c.out, "runs")
+    assert not grid.is_done(sweep_dir, first, c.probe)
+    assert not os.path.exists(os.path.join(c.out, "report"))

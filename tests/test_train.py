@@ -25,7 +25,9 @@ from configs import tiny
 from xft_jax.training import metrics_log
 from xft_jax.training.checkpoint import Checkpoints
 from xft_jax.data import readers, splits as data_splits
-from xft_jax.training.restore import load_trained
+from xft_jax.eval.evaluation import checkpoint_step
+from xft_jax.training.export_run import export_run
+from xft_jax.training.restore import UnfinishedRunError, load_trained
 from xft_jax.training.run_identity import RunMismatchError
 from xft_jax.training.trainer import NonFiniteError, train
 
@@ -188,8 +190,16 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(one_device, compile_cache,
     saved = latest_step(wd)
     assert saved is not None and at <= saved < STEPS
     assert len(metrics_log.read_metrics(wd)) == saved
+    # Unfinished: choosing its step by validation (or its latest) is refused by name.
+    with pytest.raises(UnfinishedRunError, match=rf"stopped at step {saved} of {STEPS} "):
+        checkpoint_step(wd, None)
+    with pytest.raises(UnfinishedRunError, match=r"pass --step=N"):
+        export_run(wd, "peft", str(tmp_path / "adapter"))
+    assert not os.path.exists(tmp_path / "adapter")
+    assert checkpoint_step(wd, saved) == (saved, "config.model.step")  # asked for: allowed
     train(tiny_config(), wd, devices=jax.devices()[:1])
     _assert_same_as(wd, ref)
+    assert checkpoint_step(wd, None)[1] != "config.model.step"      # finished: chosen
 
 
 # ------------------------------------------------------------------------ resume guard

@@ -27,6 +27,8 @@ def main(argv):
     del argv
     console.start(_CONFIG)
     result = demo_lib.run_demo(_CONFIG.value, log=logging.info)
+    if result.get("stopped"):
+        return 0          # like a training run stopped by SIGTERM: saved, resumable
     print(result["report"])
     print(f"report written to {result['report_dir']} in {result['seconds']:.0f} s")
 

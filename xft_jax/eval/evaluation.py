@@ -38,7 +38,7 @@ from xft_jax.quantization import QuantConfig
 from xft_jax.training import selection
 from xft_jax.training.base_model import load_base, tokenizer_path
 from xft_jax.training.export_run import RUN_FILE
-from xft_jax.training.restore import load_trained
+from xft_jax.training.restore import check_finished, load_trained
 
 # Used only when neither the eval config nor a training run says (config_defaults).
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
@@ -107,9 +107,11 @@ def exported_run_config(path: str):
 
 def checkpoint_step(workdir: str, step: int | None) -> tuple[int | None, str]:
     """(step to load, how it was chosen): the given step, else the run's best-validation
-    step, else its latest (None) when it recorded no validation curve."""
+    step, else its latest (None) when it recorded no validation curve; without a given
+    step the run must have finished (``restore.check_finished``)."""
     if step is not None:
         return int(step), "config.model.step"
+    check_finished(workdir, "set --config.model.step=N")
     best = selection.selected_step(workdir)
     if best is None:
         return None, "latest checkpoint (the run recorded no validation curve)"

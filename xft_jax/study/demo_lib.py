@@ -59,13 +59,18 @@ def cell_definition(c, cell: grid.Cell, base_dir: str, sweep_dir: str, base_mode
     return out
 
 
-def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> None:
+def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> int | None:
+    """Trains, evaluates and probes one cell; returns the step training stopped at when a
+    SIGTERM stopped it (nothing is evaluated then), else None."""
     root = os.path.join(sweep_dir, cell.rel)
     tc, ec, pc = cell_configs(c, cell, base_dir, sweep_dir)
-    trainer.train(tc, ec.model.workdir)
+    result = trainer.train(tc, ec.model.workdir)
+    if result.status != "done":
+        return result.step
     evaluation.run_evaluation(ec, os.path.join(root, "eval"))
     if pc is not None:
         probe_runs.run_probes(pc, os.path.join(root, "probe"), [ec.model.workdir])
+    return None
 
 
 def base_probe_config(c, axis: str, base_dir: str, sweep_dir: str):
@@ -148,7 +153,13 @@ def run_demo(c, log=print) -> dict:
             continue
         log(f"[demo] {cell.rel}: LoRA fine-tuning, evaluation" + (", probe" if c.probe else ""))
         grid.record_definition(sweep_dir, cell, definition_of(cell))
-        run_cell(c, cell, base_dir, sweep_dir, log)
+        stopped = run_cell(c, cell, base_dir, sweep_dir, log)
+        if stopped is not None:
+            msg = (f"[demo] stopped by SIGTERM in {cell.rel} at step {stopped} (saved); "
+                   f"the same command resumes it")
+            tqdm.write(msg, file=sys.stderr)
+            return {"report": msg, "report_dir": None, "majority": None,
+                    "seconds": time.time() - t0, "stopped": cell.rel}
         tqdm.write(f"[demo] done: {grid.score_line(sweep_dir, cell)}", file=sys.stderr)
     if c.probe:
         for axis in c.axes:

@@ -17,7 +17,7 @@ from xft_jax import lora as lora_lib
 from xft_jax.errors import ConfigValueError, MissingPathError, UserError
 from xft_jax.training import selection
 from xft_jax.training.checkpoint import Checkpoints
-from xft_jax.training.restore import load_trained
+from xft_jax.training.restore import check_finished, load_trained
 
 # The training run an export came from (its config, workdir and step), so evaluating the
 # export reads the run's own data settings, as evaluating the workdir does.
@@ -68,6 +68,7 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None,
     if fmt not in FORMATS:
         raise ConfigValueError(f"format={fmt!r}; expected one of {FORMATS}")
     if step is None:
+        check_finished(workdir, "pass --step=N")
         step = selection.selected_step(workdir)
     check_out_dir(out, workdir, _base_path_of(workdir, step), overwrite)
     model, meta, step = load_trained(workdir, step, dtype=dtype, dense=True)

@@ -13,11 +13,37 @@ import jax
 
 from xft_jax import lora as lora_lib
 from xft_jax import config_defaults, sharding
-from xft_jax.errors import MissingPathError
+from xft_jax.errors import MissingPathError, UserError
 from xft_jax.training import optim
 from xft_jax.training.base_model import load_base
 from xft_jax.training.checkpoint import Checkpoints, abstract_state
 from xft_jax.training.step import opt_state_shardings
+
+
+class UnfinishedRunError(UserError, RuntimeError):
+    """A run stopped short of its planned steps, asked for without an explicit step."""
+
+
+def check_finished(workdir: str, how_to_pick: str) -> None:
+    """Raises ``UnfinishedRunError`` when the run's newest checkpoint is short of the steps
+    it planned (stopped by a signal or a crash): its best-validation step would be chosen
+    from part of the curve, and its latest step is not the run the config describes.
+    ``how_to_pick`` says how to ask for a step of it anyway. Checkpoints that do not
+    record their planned steps, and a missing workdir, are left to the loader."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    ckpts = Checkpoints(directory, create=False)
+    try:
+        step, meta = ckpts.newest_readable_meta()
+    finally:
+        ckpts.close()
+    planned = (meta or {}).get("steps")
+    if step is not None and planned and step < int(planned):
+        raise UnfinishedRunError(
+            f"{workdir}: training stopped at step {step} of {int(planned)} and has not "
+            f"finished; run its train command again to finish it (it resumes exactly), "
+            f"or {how_to_pick} to use a step of the unfinished run")
 
 
 def load_trained(workdir: str, step: int | None = None, *, dtype=None, mesh=None,
