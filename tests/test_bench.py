@@ -144,3 +144,20 @@ def test_peak_rss_resets():
     before = common.reset_peak_rss()
     assert high - before > 48 * 2**20
     assert common.peak_rss() - before < 48 * 2**20
+
+
+def test_demo_label_check_prints_the_validation_curve(tmp_path):
+    """bench/demo_label_check.py at the demo's smoke size: one label_only run with an
+    override, its training label loss per step and its validation curve."""
+    out = subprocess.run(
+        [sys.executable, "bench/demo_label_check.py", f"--out={tmp_path}", "--arg=smoke",
+         "--lr=2e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    lines = lines[next(i for i, l in enumerate(lines) if l.startswith("done at step")):]
+    assert lines[0].startswith("done at step 2 in ") and '{"optim.lr": 0.002}' in lines[0]
+    assert lines[1].startswith("step    1  train label loss ")
+    assert "validation accuracy" in lines[2] and lines[3].startswith("best validation step 2")
+    cfg = json.load(open(os.path.join(tmp_path, "chitchat_degraded", "naturalness",
+                                      "label_only", "seed0", "train", "config.json")))
+    assert cfg["optim"]["lr"] == 2e-3 and cfg["data"]["target"] == "label_only"
