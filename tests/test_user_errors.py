@@ -295,3 +295,14 @@ def test_mistyped_workdir_is_named_and_not_created(tmp_path, module):
     p = _main(module, args, tmp_path)
     _one_line(p, f"{typo}: no such training run directory")
     assert not typo.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["xft_jax.demo", "xft_jax.train", "xft_jax.sweep"])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, module):
+    """A relative --config from another directory (or a wrong path) names the path in one
+    line, exit 2, instead of ml_collections' double traceback."""
+    extra = {"xft_jax.train": ["--workdir=w"], "xft_jax.sweep": ["--sweep_dir=s"]}
+    p = _main(module, ["--config=configs/nope.py:smoke", *extra.get(module, [])], tmp_path)
+    _one_line(p, "--config: Failed loading config file")
+    assert "configs/nope.py" in p.stderr and "No such file or directory" in p.stderr
+    assert not os.path.exists(tmp_path / "w") and not os.path.exists(tmp_path / "s")

@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
+from xft_jax.errors import ConfigValueError
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Read when transformers is imported (its "PyTorch was not found" advice) and by
 # TensorFlow's C++ logging: set before any main imports either.
@@ -91,6 +93,12 @@ def quiet_third_party() -> None:
 def start(config_flag=None) -> None:
     """First call of a main: a quiet console; with --print_config, print and exit 0."""
     quiet_third_party()
+    if config_flag is not None:
+        try:       # a config file that failed to load raises on first attribute access
+            config_flag.value.keys  # noqa: B018
+        except OSError as e:     # how ml_collections reports a config file it could not load
+            cause = e.__cause__ or e
+            raise ConfigValueError("--config: " + " ".join(str(cause).split())) from e
     if config_flag is not None and flags.FLAGS["print_config"].value:
         print(config_flag.value.to_json_best_effort(indent=2, sort_keys=True))
         sys.exit(0)
