@@ -161,3 +161,18 @@ def test_demo_label_check_prints_the_validation_curve(tmp_path):
     cfg = json.load(open(os.path.join(tmp_path, "chitchat_degraded", "naturalness",
                                       "label_only", "seed0", "train", "config.json")))
     assert cfg["optim"]["lr"] == 2e-3 and cfg["data"]["target"] == "label_only"
+
+
+def test_demo_linear_probe_reports_train_and_validation_accuracy():
+    """bench/demo_linear_probe.py at the demo's smoke size: frozen-base features of the
+    training and validation splits, one logistic regression per strength."""
+    out = subprocess.run(
+        [sys.executable, "bench/demo_linear_probe.py", "--arg=smoke", "--c=0.1"], cwd=REPO,
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    head = next(l for l in lines if l.startswith("chitchat_degraded/naturalness: "))
+    assert " training, " in head and "validation majority-class rate 0." in head
+    row = next(l for l in lines if l.startswith("C=0.1: "))
+    acc = float(row.rsplit(" ", 1)[1])
+    assert 0.0 <= acc <= 1.0 and "train accuracy" in row
