@@ -20,11 +20,11 @@ import numpy as np
 
 from xft_jax.eval import outputs
 from xft_jax.eval.evaluation import DATA_KEYS
-from xft_jax.eval.probe import OUTLIER_K, middle_layers  # noqa: F401 (middle_layers: API)
+from xft_jax.eval.probe import OUTLIER_K, middle_layers
+from xft_jax.eval.probe_runs import BASE
 from xft_jax.study import bootstrap
 from xft_jax.study.grid import cells
 
-BASE = "base"
 BASELINE = "label_only"
 CURVES = ("act_entropy", "act_entropy_norm", "act_entropy_trim", "act_outlier_share",
           "act_entropy_prompt", "lens_entropy", "lens_label_entropy", "lens_label_maxprob",
