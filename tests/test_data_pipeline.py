@@ -358,3 +358,20 @@ def test_prompt_room_from_config():
         d = ml_collections.ConfigDict({"prompt_room": bad})
         with pytest.raises(ValueError, match="config.data.prompt_room"):
             prompt_room(d)
+
+
+def test_rubric_false_leaves_only_the_rubric_out(examples, mistral_tokenizer):
+    from xft_jax.data import rubrics
+    full, short = (prompt_parts(examples[0], "naturalness", rubric=r) for r in (True, False))
+    assert rubrics.rubric("naturalness", 5) in full[0]
+    assert rubrics.rubric("naturalness", 5) not in short[0]
+    assert short[0].startswith("Rate the response") and short[1:] == full[1:]
+    kw = dict(axis="naturalness", variant="label_only", max_len=512, batch_size=2,
+              process_index=0, process_count=1)
+    rows = {r: next(iter(eval_batches(examples[:2], mistral_tokenizer, rubric=r, **kw)))
+            for r in (True, False)}
+    n = {r: (rows[r]["segment_ids"][0] > 0).sum() for r in rows}
+    rubric_tokens = len(mistral_tokenizer(rubrics.rubric("naturalness", 5),
+                                          add_special_tokens=False)["input_ids"])
+    assert n[True] - n[False] >= rubric_tokens - 2      # the rubric's tokens are gone
+    assert (rows[True]["label"] == rows[False]["label"]).all()

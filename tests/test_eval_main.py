@@ -198,3 +198,19 @@ def test_probe_over_runs_writes_json_csv_and_plots(run_dir, tmp_path):
     acc6 = np.mean([r["gold"] == r["predicted"] for r in ev6])
     assert doc["runs"][0]["accuracy"] == pytest.approx(acc6)
     assert ev["metrics"]["n"] == 11
+
+
+def test_eval_takes_the_runs_prompt_rubric_setting(mistral_tokenizer):
+    """A run trained without the rubric in its prompt is scored on prompts without it."""
+    from xft_jax import config_defaults
+    run = config_defaults.base_config()
+    run.data.rubric = False
+    d = eval_lib.resolve_data(_config().data, run)
+    assert d.rubric is False
+    assert eval_lib.resolve_data(_config().data, None).rubric is True   # the default
+    d.num_synthetic, d.max_len, d.max_examples = 40, 240, 4
+    short, _ = eval_lib.eval_batches(d, mistral_tokenizer, 4)
+    d.rubric = True
+    full, _ = eval_lib.eval_batches(d, mistral_tokenizer, 4)
+    lengths = [np.sort(next(iter(b))["segment_ids"].sum(axis=1)) for b in (short, full)]
+    assert (lengths[0] < lengths[1] - 20).all()

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Render the rating prompt with the tokenizer's chat template (instruct models such as
     # the bundled SmolLM2-135M-Instruct); False: the plain prompt.
     c.data.chat_template = False
+    # State the axis' rubric in the rating prompt; False: only the question (a short
+    # prompt, for a CPU demo that pays per token).
+    c.data.rubric = True
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
@@ -147,6 +150,7 @@ def eval_config() -> ml_collections.ConfigDict:
     c.data.prompt_room_percentile = ml_collections.FieldReference(None, field_type=float)
     # the rating prompt in the tokenizer's chat template; None: the run's, else False
     c.data.chat_template = ml_collections.FieldReference(None, field_type=bool)
+    c.data.rubric = ml_collections.FieldReference(None, field_type=bool)  # None: the run's
     c.data.validation_fraction = ml_collections.FieldReference(None, field_type=float)
     c.data.split = "test"            # test | validation | train
     c.data.max_len = ml_collections.FieldReference(None, field_type=int)

@@ -39,12 +39,14 @@ SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "label_mask")
 ROOM_PERCENTILE = 99.0  # default percentile of the training targets' length for the room
 
 
-def prompt_parts(example: RatedExample, axis: str) -> tuple[str, str, str]:
-    """(head, context, tail) of the rating prompt; only ``context`` may be truncated."""
+def prompt_parts(example: RatedExample, axis: str,
+                 rubric: bool = True) -> tuple[str, str, str]:
+    """(head, context, tail) of the rating prompt; only ``context`` may be truncated.
+    ``rubric=False`` leaves the axis' rubric out (a short prompt, for a CPU demo)."""
     check_axis(axis)
     conv = example.conversation
     head = ("Rate the response that ends this conversation.\n"
-            f"{rubrics.rubric(axis, 5)}\n\nConversation:\n")
+            + (f"{rubrics.rubric(axis, 5)}\n" if rubric else "") + "\nConversation:\n")
     context = "".join(f"{speaker}: {text}\n" for speaker, text in conv.context)
     tail = (f"\nResponse:\n{conv.response}\n\n"
             f"How would you rate the {axis.replace('_', '-')} of the response, from 1 to 5?\n")
@@ -117,11 +119,13 @@ class Encoder:
     (in target tokens, eos not counted) for every example (``target_room``); it replaces
     the per-example room of ``prompt_room``.
     chat_template: render the prompt with the tokenizer's chat template (it must have one).
+    rubric: state the axis' rubric in the prompt (``prompt_parts``).
     """
 
     def __init__(self, tokenizer, *, axis: str, variant: str, max_len: int, seed: int = 0,
                  vocab: ExplanationVocab | None = None, prompt_room: Sequence[str] = (),
-                 target_room: int | None = None, chat_template: bool = False):
+                 target_room: int | None = None, chat_template: bool = False,
+                 rubric: bool = True):
         self.tok = tokenizer
         self.axis, self.variant = check_axis(axis), variant
         self.max_len, self.seed, self.vocab = int(max_len), seed, vocab
@@ -145,6 +149,7 @@ class Encoder:
         self.eos = int(tokenizer.eos_token_id)
         self.bos = _added_prefix(tokenizer)
         self.chat = bool(chat_template)
+        self.rubric = bool(rubric)
         if self.chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError("data.chat_template=True, but the tokenizer has no chat template")
 
@@ -173,7 +178,7 @@ class Encoder:
     def encode_all(self, examples: Sequence[RatedExample]) -> tuple[list[dict], EncodeStats]:
         """Encodes every example; returns the ones that fit, in order, and the stats."""
         stats = EncodeStats(total=len(examples), max_len=self.max_len)
-        parts = [prompt_parts(ex, self.axis) for ex in examples]
+        parts = [prompt_parts(ex, self.axis, self.rubric) for ex in examples]
         heads = self._ids(sorted({p[0] for p in parts}))
         head_ids = dict(zip(sorted({p[0] for p in parts}), heads))
         ctx_ids = self._ids([p[1] for p in parts])

@@ -172,7 +172,7 @@ class _Encoded:
 def _encode(data, tokenizer, *, axis: str, variant: str, max_len: int, batch_size: int,
             seed: int, vocab: ExplanationVocab | None, target_seed: int | None,
             prompt_room: Sequence[str], target_room: int | None,
-            chat_template: bool) -> _Encoded:
+            chat_template: bool, rubric: bool) -> _Encoded:
     """Checks the shared options and encodes every example (``encode.Encoder``)."""
     if batch_size <= 0 or max_len <= 0:
         raise ValueError("batch_size and max_len must be positive")
@@ -186,7 +186,7 @@ def _encode(data, tokenizer, *, axis: str, variant: str, max_len: int, batch_siz
     encoder = Encoder(tokenizer, axis=axis, variant=variant, max_len=max_len,
                       seed=seed if target_seed is None else target_seed, vocab=vocab,
                       prompt_room=prompt_room, target_room=target_room,
-                      chat_template=chat_template)
+                      chat_template=chat_template, rubric=rubric)
     encoded, stats = encoder.encode_all(examples)
     kept_ids = [examples[int(r["index"])].id for r in encoded]
     for j, r in enumerate(encoded):  # example_index points into kept_ids
@@ -208,7 +208,7 @@ def train_batches(data, tokenizer, *, axis: str, variant: str = "label_only", ma
                   process_index: int | None = None, process_count: int | None = None,
                   vocab: ExplanationVocab | None = None, target_seed: int | None = None,
                   prompt_room: Sequence[str] = (), target_room: int | None = None,
-                  chat_template: bool = False,
+                  chat_template: bool = False, rubric: bool = True,
                   read_options: grain.ReadOptions | None = None) -> Batches:
     """Training batches for one axis and target variant (see module doc).
 
@@ -224,13 +224,14 @@ def train_batches(data, tokenizer, *, axis: str, variant: str = "label_only", ma
     (``encode.target_room`` of the training split), so that a cut prompt carries nothing
     about its label; replaces the per-example room of ``prompt_room``.
     chat_template: render prompts with the tokenizer's chat template (instruct models).
+    rubric: state the axis' rubric in each prompt (False: a shorter prompt).
     read_options: grain prefetching (default: 2 threads, 8 batches ahead).
     """
     pi, pc = _process_slot(process_index, process_count)
     enc = _encode(data, tokenizer, axis=axis, variant=variant, max_len=max_len,
                   batch_size=batch_size, seed=seed, vocab=vocab, target_seed=target_seed,
                   prompt_room=prompt_room, target_room=target_room,
-                  chat_template=chat_template)
+                  chat_template=chat_template, rubric=rubric)
     read_options = _default_read_options(read_options)
     stats = enc.stats
     ds = grain.MapDataset.source(enc.rows)
@@ -267,8 +268,8 @@ def eval_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
                  process_index: int | None = None, process_count: int | None = None,
                  vocab: ExplanationVocab | None = None, target_seed: int | None = None,
                  prompt_room: Sequence[str] = (), target_room: int | None = None,
-                 chat_template: bool = False, read_options: grain.ReadOptions | None = None,
-                 sort_by_length: bool = False) -> Batches:
+                 chat_template: bool = False, rubric: bool = True,
+                 read_options: grain.ReadOptions | None = None, sort_by_length: bool = False) -> Batches:
     """Eval batches: padded, one example per row, in input order, each example once across
     hosts (see module doc). The encoding options are those of ``train_batches``; seed
     seeds the pseudo-explanations only.
@@ -281,7 +282,7 @@ def eval_batches(data, tokenizer, *, axis: str, variant: str = "label_only", max
     enc = _encode(data, tokenizer, axis=axis, variant=variant, max_len=max_len,
                   batch_size=batch_size, seed=seed, vocab=vocab, target_seed=target_seed,
                   prompt_room=prompt_room, target_room=target_room,
-                  chat_template=chat_template)
+                  chat_template=chat_template, rubric=rubric)
     ds = grain.MapDataset.source(enc.rows)[pi::pc]
     per_process = math.ceil(len(enc.rows) / pc)
     num_batches = math.ceil(per_process / batch_size)

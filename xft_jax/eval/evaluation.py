@@ -44,11 +44,12 @@ from xft_jax.training.restore import check_finished, load_trained
 DATA_DEFAULTS = {"source": "synthetic", "axis": "naturalness", "target": "label_only",
                  "max_len": 1024, "seed": 0, "prompt_room": PAPER_VARIANTS,
                  "validation_fraction": VALIDATION_FRACTION,
-                 "prompt_room_percentile": ROOM_PERCENTILE, "chat_template": False}
+                 "prompt_room_percentile": ROOM_PERCENTILE, "chat_template": False,
+                 "rubric": True}
 SCORED_TARGET = "label_only"   # eval rows: prompt + label (see eval_batches)
 DATA_KEYS = ("source", "path", "axis", "target", "max_len", "seed", "num_train", "num_test",
              "num_synthetic", "prompt_room", "validation_fraction", "prompt_room_percentile",
-             "chat_template")
+             "chat_template", "rubric")
 SPLITS = ("test", "validation", "train")
 
 
@@ -156,6 +157,7 @@ def eval_batches(d, tokenizer, batch_size: int):
                                     max_len=int(d.max_len), batch_size=batch_size,
                                     seed=int(d.seed), prompt_room=room, vocab=vocab,
                                     target_room=troom, chat_template=bool(d.chat_template),
+                                    rubric=bool(d.rubric),
                                     process_index=0, process_count=1, sort_by_length=True,
                                     buckets=pipeline.length_buckets(int(d.max_len)))
     if batches.stats.kept == 0:

@@ -40,7 +40,8 @@ def build(config, tokenizer) -> RunData:
     common = dict(axis=d.axis, variant=d.target, max_len=int(d.max_len),
                   batch_size=int(d.batch_size), process_index=0, process_count=1,
                   vocab=vocab, target_seed=int(d.seed), prompt_room=room,
-                  target_room=troom, chat_template=bool(d.chat_template))
+                  target_room=troom, chat_template=bool(d.chat_template),
+                  rubric=bool(d.rubric))
     pack = bool(d.pack)
     # Unpacked rows pad to the batch's power-of-two width, not max_len: every process
     # builds the same global batch, so all agree on the width (a few compiled shapes).
