@@ -65,9 +65,10 @@ def test_explanations_name_specifics_of_the_item(items):
     for ex, lv in zip(items, levels):
         text = ex.ratings["naturalness"].explanation
         if lv["naturalness"] == 4:
-            # the filler the annotators name is in the response
-            filler = text.split('filler "')[1].split('"')[0]
-            assert filler.split()[0] in ex.conversation.response
+            # the misspelt word the annotators name is in the response, in place of the
+            # word it stands for
+            bad, good = text.split('slips: "')[1].split('"')[0], text.split('for "')[1].split('"')[0]
+            assert bad in ex.conversation.response.split() and bad != good
             named += 1
         if lv["on_topic"] < 5 and lv["on_topic"] > 1:
             assert "comes from another chat" in ex.ratings["on_topic"].explanation
@@ -78,6 +79,30 @@ def test_explanations_name_specifics_of_the_item(items):
         by_label.setdefault(ex.ratings["naturalness"].label, set()).add(
             ex.ratings["naturalness"].explanation)
     assert all(len(v) > 10 for v in by_label.values())
+
+
+def test_faulty_words_grow_as_the_naturalness_level_falls():
+    import random
+    words = ("I have been thinking about moving to the coast because the winters here "
+             "are long and dark").split()
+    shares = {}
+    for level in (5, 4, 3, 2, 1):
+        faults = []
+        for k in range(50):
+            out, f = cd._corrupt(random.Random(k), words, level)
+            faults.append(len(f["misspelt"]) + len(f["repeated"]) + len(f["dropped"]))
+            if level == 5:
+                assert out == words
+            if level == 4:
+                assert not f["repeated"] and not f["dropped"] and len(out) == len(words)
+            for good, bad in f["misspelt"]:
+                assert bad != good
+        shares[level] = np.mean(faults) / len(words)
+    assert shares[5] == 0 < shares[4] < shares[3] < shares[2]
+    for level in (4, 3, 2, 1):     # exactly the level's share of the words, rounded
+        assert shares[level] * len(words) == round(len(words) * cd.ERROR_SHARE[level])
+    out, _ = cd._corrupt(random.Random(0), words, 1)
+    assert out != words                                     # level 1 also loses its order
 
 
 def test_content_words_skip_function_words():

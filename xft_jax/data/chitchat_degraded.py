@@ -8,8 +8,9 @@ as the response, which is then degraded in a controlled way, one factor per axis
   seventh of them);
 * on_topic: part of the reply, or all of it, is a turn taken from another chat of the
   same split (none = 5, all = 1);
-* naturalness: its phrasing is corrupted (5 as written, 4 a filler word, 3 repeated words
-  and lost punctuation, 2 dropped words too, 1 the words in random order).
+* naturalness: a share of its words is faulty (5 as written, 4 about one word in seven
+  misspelt, 3 a third misspelt, repeated or dropped, 2 three in five, 1 as many and the
+  words in random order).
 
 The labels therefore follow from the degradations, not from any person's judgment of the
 real turns (which are casual chat, typos included). The simulated annotator ensemble of
@@ -41,7 +42,9 @@ MIN_REPLY_WORDS, MAX_REPLY_WORDS = 8, 30     # a reply long enough to degrade vi
 MAX_CONTEXT_WORDS = 30
 KEEP_FRACTION = {5: 1.0, 4: 0.75, 3: 0.5, 2: 0.3, 1: 0.15}      # comprehensiveness
 FOREIGN_FRACTION = {5: 0.0, 4: 0.3, 3: 0.5, 2: 0.75, 1: 1.0}    # on_topic
-FILLERS = ("um,", "like,", "you know,", "kinda", "basically")
+# naturalness: the share of words with a fault (misspelt; from 3 down also repeated or
+# dropped); level 1 also scrambles the word order
+ERROR_SHARE = {5: 0.0, 4: 0.15, 3: 0.35, 2: 0.6, 1: 0.6}
 _STOP = frozenset("""a an and are as at be been but by can could did do does doing for from
 had has have he her hers him his how i i'm im if in into is it it's its just like me my no
 not of on or our so than that that's the their them then there they this to too up us was
@@ -89,34 +92,46 @@ def _quote(words: list[str], k: int = 4) -> str:
     return " ".join(words[:k]) + (" ..." if len(words) > k else "")
 
 
+def _misspell(rng: random.Random, word: str) -> str:
+    """A typing slip: two neighbouring letters swapped, or one doubled in a short word."""
+    letters = [i for i, ch in enumerate(word) if ch.isalpha()]
+    if len(letters) >= 4:
+        i = rng.randrange(1, len(letters) - 2)
+        j, k = letters[i], letters[i + 1]
+        if word[j] != word[k]:
+            return word[:j] + word[k] + word[j] + word[k + 1:]
+    if letters:
+        j = rng.choice(letters)
+        return word[:j + 1] + word[j] + word[j + 1:]
+    return word + word[-1:]
+
+
 def _corrupt(rng: random.Random, words: list[str], level: int) -> tuple[list[str], dict]:
-    """Degrades fluency and records what was done, for the explanations."""
-    facts: dict = {"filler": None, "repeated": [], "dropped": []}
+    """Degrades fluency by a share of faulty words that grows as the level falls (level 1
+    also loses its word order), and records every fault, for the explanations."""
+    facts: dict = {"misspelt": [], "repeated": [], "dropped": []}
     if level == 5:
-        return words, facts
-    if level == 4:
-        out = list(words)
-        out[0] = out[0].lower()
-        at = rng.randrange(1, len(out) + 1)
-        facts["filler"], facts["after"] = rng.choice(FILLERS), out[at - 1]
-        out.insert(at, facts["filler"])
-        return out, facts
+        return list(words), facts
+    n_faults = max(1, round(len(words) * ERROR_SHARE[level]))
+    faulty = set(rng.sample(range(len(words)), min(n_faults, len(words))))
+    kinds = ("misspelt",) if level == 4 else ("misspelt", "repeated", "dropped")
     out = []
-    for w in words:
-        r = rng.random()
-        if level <= 2 and r < 0.3:
+    for i, w in enumerate(words):
+        kind = rng.choice(kinds) if i in faulty else None
+        if kind == "misspelt":
+            out.append(_misspell(rng, w))
+            facts["misspelt"].append((w, out[-1]))
+        elif kind == "repeated":
+            out += [w, w]
+            facts["repeated"].append(w)
+        elif kind == "dropped":
             facts["dropped"].append(w)
-            continue
-        out.append(w.rstrip(".,!?") if rng.random() < 0.5 else w)
-        if r > 0.8:
-            out.append(out[-1])
-            facts["repeated"].append(out[-1])
+        else:
+            out.append(w)
     if not out:
         out, facts["dropped"] = words[:1], facts["dropped"][1:]
     if level == 1:
         rng.shuffle(out)
-    if level <= 2:
-        out = [w.upper() if rng.random() < 0.15 else w.lower() for w in out]
     return out, facts
 
 
@@ -127,19 +142,13 @@ def _explain(rng: random.Random, axis: str, perceived: int, f: dict, level: int)
         n = f["naturalness"]
         if level == 5:
             body = f"The reply reads like a person wrote it: \"{_quote(f['reply'], 5)}\""
-        elif level == 4:
-            body = (f"The reply is fluent except for the filler \"{n['filler']}\" after "
-                    f"\"{n['after']}\"")
-        elif level == 1:
-            body = (f"The reply is a jumble of words in no sensible order, e.g. "
-                    f"\"{_quote(f['reply'], 5)}\"")
         else:
-            rep = ", ".join(f'"{w}"' for w in dict.fromkeys(
-                w.lower() if level == 2 else w for w in n["repeated"])) or "no word"
-            body = f"The reply repeats {rep} and loses its punctuation"
-            if level == 2:
-                drop = ", ".join(f'"{w}"' for w in n["dropped"][:3]) or "words"
-                body += f", and words such as {drop} are missing"
+            faults = ([f'"{bad}" for "{good}"' for good, bad in n["misspelt"]]
+                      + [f'"{w}" twice' for w in n["repeated"]]
+                      + [f'no "{w}"' for w in n["dropped"]])
+            faults = ", ".join(rng.sample(faults, min(2, len(faults))))
+            body = (f"The reply is a jumble of words in no sensible order, with slips such "
+                    f"as {faults}" if level == 1 else f"The reply has slips: {faults}")
     elif axis == "comprehensiveness":
         if f["kept"] >= f["real_words"]:
             body = f"The reply says all it set out to say ({f['real_words']} words)"
