@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xft_jax.models.bundled import bundled_model
-from xft_jax.study import demo_configs, demo_lib, grid
-from xft_jax.training import metrics_log, selection, trainer
+from absl import app, flags  # noqa: E402
+
+from bench import demo_flags  # noqa: E402
+from xft_jax.models.bundled import bundled_model  # noqa: E402
+from xft_jax.study import demo_configs, demo_lib, grid  # noqa: E402
+from xft_jax.training import metrics_log, selection, trainer  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the run.", required=True)
 _ARG = flags.DEFINE_string("arg", "", "configs/demo.py arg ('' or 'smoke').")
@@ -35,31 +39,28 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "data.batch_size.")
 _EPOCHS = flags.DEFINE_float("epochs", None, "train.epochs.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "data.num_train (a subset).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", None, "train.eval_every (0: none).")
+_B2 = flags.DEFINE_float("b2", None, "optim.b2 (Adam's second-moment decay).")
 
 OVERRIDES = {"optim.lr": _LR, "optim.schedule": _SCHEDULE, "optim.warmup_steps": _WARMUP,
              "data.batch_size": _BATCH, "train.epochs": _EPOCHS, "data.num_train": _NUM_TRAIN,
-             "train.eval_every": _EVAL_EVERY}
+             "train.eval_every": _EVAL_EVERY, "optim.b2": _B2, **demo_flags.DATA_OVERRIDES}
 
 
 def main(argv):
     del argv
     c = demo_configs.demo_config(_ARG.value)
+    demo_flags.apply_items(c)
     base = bundled_model(c.base) if c.base != "toy" else None
     if base is None:
         raise app.UsageError("the toy base is pre-trained by the demo itself; use the real one")
     cell = grid.Cell(c.source, _AXIS.value, "label_only", _SEED.value)
     tc, _, _ = demo_lib.cell_configs(c, cell, base, _OUT.value)
-    with tc.unlocked():
-        for key, flag in OVERRIDES.items():
-            if flag.value is not None:
-                section, name = key.split(".")
-                tc[section][name] = flag.value
+    given = demo_flags.apply(tc, OVERRIDES)
     workdir = os.path.join(_OUT.value, cell.rel, "train")
     t0 = time.time()
     result = trainer.train(tc, workdir)
     print(f"{result.status} at step {result.step} in {time.time() - t0:.0f} s; "
-          f"overrides: " + json.dumps({k: f.value for k, f in OVERRIDES.items()
-                                        if f.value is not None}))
+          f"overrides: " + json.dumps(given | {"num_items": demo_flags.NUM_ITEMS.value}))
     for m in metrics_log.read_metrics(workdir):
         extra = (f"  validation accuracy {m['val_accuracy']:.3f} nll {m['val_nll']:.3f}"
                  if "val_accuracy" in m else "")

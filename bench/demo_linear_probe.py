@@ -13,17 +13,23 @@ can decode but LoRA does not learn points at the training budget instead.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from sklearn.linear_model import LogisticRegression
 
-from xft_jax import config_defaults, sharding
-from xft_jax.eval import evaluation
-from xft_jax.models.bundled import bundled_model
-from xft_jax.models.decoder import OutputRequest, TokenInputs, forward
-from xft_jax.study import demo_configs, demo_lib, grid
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import demo_flags  # noqa: E402
+from xft_jax import config_defaults, sharding  # noqa: E402
+from xft_jax.eval import evaluation  # noqa: E402
+from xft_jax.models.bundled import bundled_model  # noqa: E402
+from xft_jax.models.decoder import OutputRequest, TokenInputs, forward  # noqa: E402
+from xft_jax.study import demo_configs, demo_lib, grid  # noqa: E402
 
 _ARG = flags.DEFINE_string("arg", "", "configs/demo.py arg ('' or 'smoke').")
 _AXIS = flags.DEFINE_string("axis", "naturalness", "Rating axis.")
@@ -52,11 +58,13 @@ def features(loaded, data, split: str) -> tuple[np.ndarray, np.ndarray]:
 def main(argv):
     del argv
     c = demo_configs.demo_config(_ARG.value)
+    demo_flags.apply_items(c)
     if c.base == "toy":
         raise app.UsageError("the toy base is pre-trained by the demo itself; use the real one")
     base = bundled_model(c.base)
     tc, _, _ = demo_lib.cell_configs(c, grid.Cell(c.source, _AXIS.value, "label_only", 0),
                                      base, "unused")
+    demo_flags.apply(tc, demo_flags.DATA_OVERRIDES)
     ec = config_defaults.eval_config()
     ec.model.path = base
     ec.mesh.fsdp = 1
