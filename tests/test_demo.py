@@ -116,3 +116,33 @@ def test_a_demo_stopped_by_sigterm_evaluates_nothing_and_says_how_to_resume(tmp_
     sweep_dir = os.path.join(c.out, "runs")
     assert not grid.is_done(sweep_dir, first, c.probe)
     assert not os.path.exists(os.path.join(c.out, "report"))
+
+
+def test_the_mini_study_is_the_demo_with_its_validated_recipe():
+    """configs/smollm2_study.py differs from the demo only in the keys its docstring
+    names: three seeds, 1,000 items and the longer recipe chosen on validation data."""
+    import importlib.util
+
+    from xft_jax.study.demo_configs import demo_config
+
+    spec = importlib.util.spec_from_file_location("study", "configs/smollm2_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    study, demo = module.get_config().to_dict(), demo_config("").to_dict()
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    diff = {k: v for (k, v), (k2, v2) in zip(flat(study), flat(demo), strict=True)
+            if (k, v) != (k2, v2)}
+    assert diff == {"out": "xft_smollm2_study", "seeds": (0, 1, 2), "num_items": 1000,
+                    "train.optim.lr": 2e-3, "train.optim.warmup_steps": 20,
+                    "train.train.epochs": 4.0, "train.train.eval_every": 30}
+    assert study["variants"] == ("label_only", "explanation", "shuffled", "bag_of_words",
+                                 "random_vocab")
+    assert study["train"]["data"]["rubric"] is False
+    assert study["train"]["train"]["label_loss_weight"] == 1.0
