@@ -20,6 +20,11 @@ def apply_items(c) -> None:
         c.num_items = NUM_ITEMS.value
 
 
+def given_items() -> dict:
+    """``{"num_items": N}`` when ``--num_items`` was given, else ``{}``."""
+    return {} if NUM_ITEMS.value is None else {"num_items": NUM_ITEMS.value}
+
+
 def apply(tc, overrides: dict) -> dict:
     """Sets every given ``section.key`` flag on the run config ``tc``; returns them."""
     given = {k: f.value for k, f in overrides.items() if f.value is not None}

@@ -60,7 +60,7 @@ def main(argv):
     t0 = time.time()
     result = trainer.train(tc, workdir)
     print(f"{result.status} at step {result.step} in {time.time() - t0:.0f} s; "
-          f"overrides: " + json.dumps(given | {"num_items": demo_flags.NUM_ITEMS.value}))
+          f"overrides: " + json.dumps(given | demo_flags.given_items()))
     for m in metrics_log.read_metrics(workdir):
         extra = (f"  validation accuracy {m['val_accuracy']:.3f} nll {m['val_nll']:.3f}"
                  if "val_accuracy" in m else "")

@@ -151,16 +151,20 @@ def test_demo_label_check_prints_the_validation_curve(tmp_path):
     override, its training label loss per step and its validation curve."""
     out = subprocess.run(
         [sys.executable, "bench/demo_label_check.py", f"--out={tmp_path}", "--arg=smoke",
-         "--lr=2e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+         "--lr=2e-3", "--rubric=true", "--max_len=256", "--num_items=150"], cwd=REPO, capture_output=True,
+        text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     lines = lines[next(i for i, l in enumerate(lines) if l.startswith("done at step")):]
-    assert lines[0].startswith("done at step 2 in ") and '{"optim.lr": 0.002}' in lines[0]
+    assert lines[0].startswith("done at step 2 in ")
+    assert lines[0].endswith('{"optim.lr": 0.002, "data.max_len": 256, "data.rubric": true, "num_items": 150}')
     assert lines[1].startswith("step    1  train label loss ")
     assert "validation accuracy" in lines[2] and lines[3].startswith("best validation step 2")
     cfg = json.load(open(os.path.join(tmp_path, "chitchat_degraded", "naturalness",
                                       "label_only", "seed0", "train", "config.json")))
     assert cfg["optim"]["lr"] == 2e-3 and cfg["data"]["target"] == "label_only"
+    assert cfg["data"]["rubric"] is True and cfg["data"]["num_synthetic"] == 150
+    assert cfg["data"]["max_len"] == 256
 
 
 def test_demo_linear_probe_reports_train_and_validation_accuracy():
