@@ -8,12 +8,12 @@ real chitchat conversations (``xft_jax/data/chitchat_degraded.py``; about 550 tr
 ``xft_jax/config_defaults.py``; the probe runs with the untuned base as reference.
 
 Its training recipe is the demo's (prompts without the rubric, LoRA rank 8, batch 8,
-cosine schedule), lengthened to one that learns the rating: 4 epochs (217 steps) at
+cosine schedule), lengthened to one that learns the rating: 4 epochs (about 270 steps) at
 lr 2e-3 with 20 warm-up steps. It was chosen on validation data only, from label_only's
 validation curve (bench/README.md: validation accuracy 0.42 at step 180 against a
 majority-class rate of 0.24; the demo's 27 steps stay at chance), and holds for every
-variant. On 2 CPU cores one run takes about 27 minutes, so the 15 runs take about 7
-hours; on a GPU minutes. Interrupted, the same command resumes at the first unfinished
+variant. On 2 CPU cores one run takes about 33 minutes (about 7.3 s per step), so the
+15 runs take about 8 hours; on a GPU minutes. Interrupted, the same command resumes at the first unfinished
 run. Any change of a setting is a new study, to be run into a new ``--config.out``.
 """
 
