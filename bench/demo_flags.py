@@ -14,15 +14,13 @@ DATA_OVERRIDES = {"data.max_len": MAX_LEN, "data.rubric": RUBRIC,
                   "data.validation_fraction": VAL_FRACTION}
 
 
-def apply_items(c) -> None:
-    """``--num_items`` onto the demo config (before its cells' configs are built)."""
-    if NUM_ITEMS.value is not None:
-        c.num_items = NUM_ITEMS.value
-
-
-def given_items() -> dict:
-    """``{"num_items": N}`` when ``--num_items`` was given, else ``{}``."""
-    return {} if NUM_ITEMS.value is None else {"num_items": NUM_ITEMS.value}
+def apply_items(c) -> dict:
+    """``--num_items`` onto the demo config (before its cells' configs are built);
+    returns ``{"num_items": N}`` when it was given, else ``{}``."""
+    if NUM_ITEMS.value is None:
+        return {}
+    c.num_items = NUM_ITEMS.value
+    return {"num_items": NUM_ITEMS.value}
 
 
 def apply(tc, overrides: dict) -> dict:

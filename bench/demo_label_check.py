@@ -49,7 +49,7 @@ OVERRIDES = {"optim.lr": _LR, "optim.schedule": _SCHEDULE, "optim.warmup_steps":
 def main(argv):
     del argv
     c = demo_configs.demo_config(_ARG.value)
-    demo_flags.apply_items(c)
+    items = demo_flags.apply_items(c)
     base = bundled_model(c.base) if c.base != "toy" else None
     if base is None:
         raise app.UsageError("the toy base is pre-trained by the demo itself; use the real one")
@@ -60,7 +60,7 @@ def main(argv):
     t0 = time.time()
     result = trainer.train(tc, workdir)
     print(f"{result.status} at step {result.step} in {time.time() - t0:.0f} s; "
-          f"overrides: " + json.dumps(given | demo_flags.given_items()))
+          f"overrides: " + json.dumps(given | items))
     for m in metrics_log.read_metrics(workdir):
         extra = (f"  validation accuracy {m['val_accuracy']:.3f} nll {m['val_nll']:.3f}"
                  if "val_accuracy" in m else "")
