@@ -103,7 +103,7 @@ def test_best_validation_checkpoint_is_kept_recorded_and_evaluated(tmp_path, mon
     script = iter([0.2, 0.5, 0.4, 0.5, 0.3])
     seen = []
 
-    def scripted(score_fn, lora, base, run_data, mesh, batch_size, max_batches=None):
+    def scripted(eval_fn, lora, base, run_data, mesh, max_batches=None):
         seen.append(sorted(run_data.eval.example_ids))
         return {"accuracy": next(script), "nll": 1.0, "n": len(run_data.eval.example_ids)}
 

@@ -211,3 +211,35 @@ def test_padding_width_does_not_change_the_step(path):
         np.testing.assert_allclose(sums_b[k], sums_a[k], rtol=1e-5, atol=1e-6)
     for x, y in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
+def test_validation_pass_equals_loss_sums_and_the_final_scoring(trained):
+    """One forward pass per validation batch gives the teacher-forced sums of
+    ``loss_and_sums`` and the five-label log-probs of the final evaluation's scorer (merged
+    adapters there, so equal up to float rounding); a padding row gets no label."""
+    from xft_jax.eval import scoring
+    from xft_jax.training.batches import target_positions
+    from xft_jax.training.step import loss_and_sums
+    from xft_jax.training.trainer import _make_eval
+
+    s = trained
+    b = make_batch(5)
+    b["loss_mask"][7], b["label_mask"][7], b["segment_ids"][7] = 0.0, 0.0, 0   # padding row
+    label_pos = np.full((B, 1), 6, np.int32)
+    label_ids = [10, 11, 12, 13, 14]
+    scfg = StepConfig(ce_chunk=5)
+    tp = target_positions(b["loss_mask"])
+    g = sharding.make_global_batch(s.mesh, dict(b, target_pos=tp))
+    fn = _make_eval(s.cfg, s.opts, scfg, s.mesh, s.lora_sh, s.base_sh)
+    sums, logp = jax.device_get(fn(s.lora, s.base, g, sharding.make_global_batch(
+        s.mesh, {"p": label_pos})["p"], jnp.asarray(label_ids, jnp.int32)))
+    _, want = jax.jit(lambda lora, batch: loss_and_sums(
+        lora, s.base, batch, s.cfg, s.opts, scfg, None, jnp.float32(1)))(s.lora, g)
+    for k in want:
+        np.testing.assert_allclose(sums[k], np.asarray(want[k]), rtol=1e-6, atol=1e-6)
+    score = scoring.make_score_fn(s.cfg, s.opts, label_ids)
+    ref = np.asarray(score(s.base, s.lora, {k: jnp.asarray(v) for k, v in dict(
+        b, label_pos=label_pos[:, 0]).items()}))
+    np.testing.assert_allclose(logp[:7], ref[:7], atol=1e-5)
+    assert not np.allclose(logp[0], logp[0].mean())          # a real, non-uniform rating
+    np.testing.assert_allclose(logp[7], np.log(np.full(5, 0.2)), atol=1e-6)

@@ -51,8 +51,11 @@ def build(config, tokenizer) -> RunData:
                                        int(d.max_len)), **common)
     ev = None
     if int(config.train.eval_every) > 0 and splits.validation:
+        # Length-sorted: validation sums over examples, so order is free and short rows
+        # share narrow batches.
         ev = pipeline.eval_batches(splits.validation[:d.eval_examples], tokenizer, seed=0,
-                                   buckets=pipeline.length_buckets(int(d.max_len)), **common)
+                                   buckets=pipeline.length_buckets(int(d.max_len)),
+                                   sort_by_length=True, **common)
     info = {"origin": splits.origin, "num_train": len(splits.train),
             "num_validation": len(splits.validation), "num_test": len(splits.test),
             "target_room": troom, "train_encode": train.stats.to_dict(),

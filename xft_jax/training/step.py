@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xft_jax import sharding
+from xft_jax.eval import scoring
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.decoder import (ForwardOptions, OutputRequest, TokenInputs, forward,
                                     lm_head)
@@ -53,12 +54,10 @@ def opt_state_shardings(tx: optax.GradientTransformation, lora_abstract, lora_sh
         is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
-                  scfg: StepConfig, rng, n_tok_total):
-    """(objective / n_tok_total, sums) for one micro-batch.
-
-    With ``target_pos`` [B,K] (see training.batches.target_positions) the final norm and LM
-    head run at the K target positions only; without it, at every position (chunked)."""
+def _target_hidden(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions, rng):
+    """(hidden [B,K,D], targets, loss_mask, label_mask, positions) at the K target
+    positions of ``target_pos`` [B,K] (see training.batches.target_positions), or at
+    every position (K = T, positions None) without it."""
     targets, loss_mask, label_mask = batch["targets"], batch["loss_mask"], batch["label_mask"]
     positions = None
     if "target_pos" in batch:
@@ -73,10 +72,40 @@ def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
                          segment_ids=batch["segment_ids"])
     out = forward(base, cfg, inputs, OutputRequest("hidden", positions), opts=opts, lora=lora,
                   rng=rng if opts.lora_dropout > 0 else None)
-    ce, correct = loss_lib.chunked_token_ce(out["hidden"], lm_head(base, cfg, opts.dtype),
-                                            targets, scfg.ce_chunk)
+    return out["hidden"], targets, loss_mask, label_mask, positions
+
+
+def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
+                  scfg: StepConfig, rng, n_tok_total):
+    """(objective / n_tok_total, sums) for one micro-batch.
+
+    With ``target_pos`` [B,K] (see training.batches.target_positions) the final norm and LM
+    head run at the K target positions only; without it, at every position (chunked)."""
+    hidden, targets, loss_mask, label_mask, _ = _target_hidden(lora, base, batch, cfg, opts,
+                                                               rng)
+    ce, correct = loss_lib.chunked_token_ce(hidden, lm_head(base, cfg, opts.dtype), targets,
+                                            scfg.ce_chunk)
     sums = loss_lib.masked_sums(ce, correct, loss_mask, label_mask, scfg.label_loss_weight)
     return sums["objective_sum"] / jnp.maximum(n_tok_total, 1.0), sums
+
+
+def validation_sums(lora, base, batch, label_pos, label_ids, cfg: ModelConfig,
+                    opts: ForwardOptions, scfg: StepConfig):
+    """(sums, label log-probs [B,5]) of an eval batch from one forward pass: the
+    teacher-forced loss sums of ``loss_and_sums`` and the log-softmax over the five label
+    tokens' head columns at ``label_pos`` [B, 1], the rating as the final evaluation reads it
+    (eval.scoring). Rows whose ``label_pos`` is not a target position (padding rows) get
+    the uniform distribution. Needs ``target_pos`` in ``batch``."""
+    hidden, targets, loss_mask, label_mask, positions = _target_hidden(
+        lora, base, batch, cfg, opts, None)
+    ce, correct = loss_lib.chunked_token_ce(hidden, lm_head(base, cfg, opts.dtype), targets,
+                                            scfg.ce_chunk)
+    sums = loss_lib.masked_sums(ce, correct, loss_mask, label_mask, scfg.label_loss_weight)
+    at_label = (positions == label_pos) & (batch["target_pos"] >= 0)
+    h = jnp.einsum("bk,bkd->bd", at_label.astype(hidden.dtype), hidden)
+    cols = scoring.head_columns(base, cfg, label_ids, opts.dtype)
+    logits = jnp.einsum("bd,dk->bk", h, cols, preferred_element_type=jnp.float32)
+    return sums, jax.nn.log_softmax(logits, axis=-1)
 
 
 def make_step_fn(cfg: ModelConfig, opts: ForwardOptions, tx: optax.GradientTransformation,

@@ -31,7 +31,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from xft_jax import lora as lora_lib
 from xft_jax import atomic, sharding
 from xft_jax.errors import ConfigValueError, is_user_error
-from xft_jax.eval import scoring
 from xft_jax.models import attention, partitioning
 from xft_jax.models.config import ModelConfig
 from xft_jax.models.tokenizer import load_tokenizer
@@ -42,7 +41,7 @@ from xft_jax.training.config_checks import check_train_config
 from xft_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
 from xft_jax.training.metrics_log import RunLogger
 from xft_jax.training.step import (StepConfig, batch_shardings, jit_step,
-                                   loss_and_sums, make_step_fn, opt_state_shardings)
+                                   make_step_fn, opt_state_shardings, validation_sums)
 
 CONFIG_FILE = "config.json"
 
@@ -264,9 +263,6 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
                           "step": jax.device_put(np.int32(step), rep)}, it.get_state(),
                    dict(meta, step=step, validation=curve.to_dict()))
 
-    score_fn = (scoring.make_score_fn(model.config, opts, run_data.label_token_ids, mesh)
-                if run_data.eval is not None else None)
-
     try:
         step = start
         tokens, t0 = 0, time.perf_counter()
@@ -294,11 +290,9 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
             validated = bool(every["eval_every"] and run_data.eval is not None and (
                 step % every["eval_every"] == 0 or step == steps))
             if validated:
-                m.update(evaluate(eval_fn, lora, base, run_data, mesh,
-                                  config.train.eval_batches))
-                v = validate(score_fn, lora, base, run_data, mesh, int(config.data.batch_size),
-                             config.train.eval_batches)
-                m.update(val_accuracy=v["accuracy"], val_nll=v["nll"])
+                v = validate(eval_fn, lora, base, run_data, mesh, config.train.eval_batches)
+                m.update({k: v.pop(k) for k in list(v) if k.startswith("eval_")},
+                         val_accuracy=v["accuracy"], val_nll=v["nll"])
                 if curve.add(step, **v):
                     ckpts.protect(step)
             if every["log_every"] and (step % every["log_every"] == 0 or step == steps):
@@ -337,39 +331,43 @@ def _jitted(cfg, opts, scfg, mesh, lcfg, optim_json, steps, tx, lora_sh, opt_sh,
 
 
 def _make_eval(cfg, opts, scfg, mesh, lora_sh, base_sh):
+    """Jitted ``fn(lora, base, batch, label_pos, label_ids) -> (sums, log_probs [B,5])``:
+    one forward pass per validation batch (step.validation_sums)."""
     rep = NamedSharding(mesh, P())
+    rows = batch_shardings(mesh)
     opts = dataclasses.replace(opts, lora_dropout=0.0)
 
-    def sums(lora, base, batch):
+    def fn(lora, base, batch, label_pos, label_ids):
         with sharding.activation_sharding(mesh):
-            _, s = loss_and_sums(lora, base, batch, cfg, opts, scfg, None, jnp.float32(1))
-            return s
+            return validation_sums(lora, base, batch, label_pos, label_ids, cfg, opts, scfg)
 
-    return jax.jit(sums, in_shardings=(lora_sh, base_sh, batch_shardings(mesh)),
-                   out_shardings=rep)
-
-
-def validate(score_fn, lora, base, run_data, mesh, batch_size: int,
-             max_batches=None) -> dict:
-    """Rating accuracy on the validation split, read as the final evaluation reads test:
-    the argmax over the five label tokens at the label position."""
-    batches = batches_lib.eval_batches(run_data, max_batches)
-    res = scoring.collect(scoring.score_batches(score_fn, base, lora, batches,
-                                                batch_size, mesh))
-    acc, nll = selection.rating_accuracy(res["label"], res["log_probs"])
-    return {"accuracy": acc, "nll": nll, "n": len(res["id"])}
+    return jax.jit(fn, in_shardings=(lora_sh, base_sh, rows, rows, rep),
+                   out_shardings=(rep, rep))
 
 
-def evaluate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
-    """Teacher-forced eval on the validation split: loss, label loss and label accuracy
-    (argmax over the whole vocabulary)."""
-    total = None
+def validate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
+    """The validation split in one pass: rating accuracy and NLL read as the final
+    evaluation reads test (the argmax over the five label tokens at the label position;
+    adapters applied unmerged here, merged there, equal up to float rounding), and the
+    teacher-forced loss, label loss and label accuracy (argmax over the whole
+    vocabulary)."""
+    total, labels, log_probs = None, [], []
+    label_ids = jnp.asarray(run_data.label_token_ids, jnp.int32)
     for batch in batches_lib.eval_batches(run_data, max_batches):
-        s = jax.device_get(eval_fn(lora, base, batches_lib.to_global(mesh, batch)))
+        label_pos = sharding.global_batch_from_host(  # [B, 1]: sharded like the rows
+            mesh, {"p": np.asarray(batch["label_pos"])[:, None]})["p"]
+        s, logp = jax.device_get(eval_fn(lora, base, batches_lib.to_global(mesh, batch),
+                                         label_pos, label_ids))
         total = s if total is None else {k: total[k] + s[k] for k in s}
+        real = np.asarray(batch["valid"]) > 0
+        labels.append(np.asarray(batch["label"])[real])
+        log_probs.append(np.asarray(logp, np.float64)[real])
     if total is None:
         return {}
+    acc, nll = selection.rating_accuracy(np.concatenate(labels).astype(np.int64),
+                                         np.concatenate(log_probs))
     f = {k: float(v) for k, v in jax.device_get(loss_lib.finalize(total)).items()}
-    return {"eval_loss": f["loss"], "eval_label_loss": f["label_loss"],
+    return {"accuracy": acc, "nll": nll, "n": int(sum(len(x) for x in labels)),
+            "eval_loss": f["loss"], "eval_label_loss": f["label_loss"],
             "eval_label_accuracy": f["label_accuracy"],
             "eval_explanation_loss": f["explanation_loss"]}
