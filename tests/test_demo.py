@@ -140,8 +140,9 @@ def test_the_mini_study_is_the_demo_with_its_validated_recipe():
     diff = {k: v for (k, v), (k2, v2) in zip(flat(study), flat(demo), strict=True)
             if (k, v) != (k2, v2)}
     assert diff == {"out": "xft_smollm2_study", "seeds": (0, 1, 2), "num_items": 1000,
-                    "train.optim.lr": 2e-3, "train.optim.warmup_steps": 20,
-                    "train.train.epochs": 4.0, "train.train.eval_every": 30}
+                    "train.data.batch_size": 4, "train.optim.lr": 2e-3,
+                    "train.optim.warmup_steps": 20, "train.train.epochs": 2.0,
+                    "train.train.eval_every": 30}
     assert study["variants"] == ("label_only", "explanation", "shuffled", "bag_of_words",
                                  "random_vocab")
     assert study["train"]["data"]["rubric"] is False
