@@ -116,6 +116,9 @@ def test_a_demo_stopped_by_sigterm_evaluates_nothing_and_says_how_to_resume(tmp_
     sweep_dir = os.path.join(c.out, "runs")
     assert not grid.is_done(sweep_dir, first, c.probe)
     assert not os.path.exists(os.path.join(c.out, "report"))
+    with open(os.path.join(sweep_dir, "timing.json")) as f:      # its time is kept
+        entry, = json.load(f)["invocations"]
+    assert entry["complete"] is False and entry["runs_trained"] == 0 and entry["wall_s"] > 0
 
 
 def test_the_mini_study_is_the_demo_with_its_validated_recipe():

@@ -158,6 +158,8 @@ def run_demo(c, log=print) -> dict:
             msg = (f"[demo] stopped by SIGTERM in {cell.rel} at step {stopped} (saved); "
                    f"the same command resumes it")
             tqdm.write(msg, file=sys.stderr)
+            # The stopped invocation's time counts towards the study's (timing.json).
+            report_io.record_timing(sweep_dir, cells, t0, t_pre, base_dir)
             return {"report": msg, "report_dir": None, "majority": None,
                     "seconds": time.time() - t0, "stopped": cell.rel}
         tqdm.write(f"[demo] done: {grid.score_line(sweep_dir, cell)}", file=sys.stderr)
