@@ -3,8 +3,8 @@
     python -m xft_jax.demo --config=configs/smollm2_study.py --config.out=results/smollm2_study
 
 One axis (naturalness) x the five variants x three seeds, on 1,000 rated items built from
-real chitchat conversations (``xft_jax/data/chitchat_degraded.py``; about 550 training,
-110 validation and 318 test examples), under the study protocol of
+real chitchat conversations (``xft_jax/data/chitchat_degraded.py``; 547 training,
+135 validation and 318 test items), under the study protocol of
 ``xft_jax/config_defaults.py``; the probe runs with the untuned base as reference.
 
 Its training recipe is the demo's (prompts without the rubric, LoRA rank 8, cosine
@@ -14,8 +14,8 @@ data only, from label_only's validation curve (bench/README.md: at batch 4, vali
 accuracy 0.47 from step 120 and 0.59 at step 240 against a majority-class rate of 0.24;
 at batch 8 and the same step count, twice the cost, 0.54; the demo's 27 steps stay at
 chance), and holds for every variant. On 2 CPU cores one run takes about 20-25 minutes,
-so the 15 runs take about 6 hours; on a GPU minutes. Interrupted, the same command resumes at the first unfinished
-run. Any change of a setting is a new study, to be run into a new ``--config.out``.
+so the 15 runs take about 6 hours; on a GPU minutes. Interrupted, the same command
+resumes at the first unfinished run. Any change of a setting is a new study, to be run into a new ``--config.out``.
 """
 
 from xft_jax.study.demo_configs import demo_config
