@@ -151,3 +151,16 @@ def test_probe_summary_by_hand(tmp_path):
         assert (f"| {v} | 2 | " + " | ".join([out_cell] * 3 + [mid_cell] * 3) + " |") in text
     assert "| shuffled | 0 | " + " | ".join(["missing"] * 6) + " |" in text
     assert os.path.getsize(os.path.join(out, "probe_act_entropy.png")) > 0
+
+
+def test_the_accuracy_figure_says_where_its_y_axis_starts(tmp_path):
+    """The text under the accuracy bars says the axis is cut only when it is."""
+    texts = {}
+    for name, correct in (("high", [True] * 6 + [False] * 4), ("zero", [False] * 10)):
+        root = str(tmp_path / name)
+        _write_cell(root, grid.Cell("coqa", "naturalness", "label_only", 0), correct)
+        texts[name] = report_io.write_report(root, os.path.join(root, "report"), ["coqa"],
+                                             ["naturalness"], ["label_only"], [0], n_boot=50)
+    assert "the y-axis starts at 0." in texts["zero"] and "not 0" not in texts["zero"]
+    start = float(texts["high"].split("the y-axis starts at ")[1].split(",")[0])
+    assert 0.0 < start < 0.6 and "not proportional to accuracy" in texts["high"]

@@ -36,10 +36,11 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
-def accuracy_bars(data: dict, settings, variants, path: str) -> None:
+def accuracy_bars(data: dict, settings, variants, path: str) -> float:
     """Grouped bars of mean test accuracy with 95% hierarchical bootstrap intervals, the
     majority-class rate of each setting as a dashed line, and a y-range cut to the data
-    so that differences of a few points show; missing cells are left empty, not zero."""
+    so that differences of a few points show; missing cells are left empty, not zero.
+    Returns where the y-axis starts (0.0 when it is not cut), for the text beside it."""
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(settings) * len(variants) + 1.5), 4.5))
     width = 0.8 / max(1, len(variants))
     x = np.arange(len(settings))
@@ -67,19 +68,23 @@ def accuracy_bars(data: dict, settings, variants, path: str) -> None:
                       **MAJORITY_STYLE)
             lows.append(m)
             highs.append(m)
+    bottom = 0.0
     if lows:
         lo, hi = min(lows), max(highs)
         pad = max(0.02, 0.15 * (hi - lo))
-        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + 1.6 * pad))
+        bottom = max(0.0, lo - pad)
+        ax.set_ylim(bottom, min(1.0, hi + 1.6 * pad))
     ax.set_xticks(x)
     ax.set_xticklabels([_label(s) for s in settings], fontsize=8)
     ax.set_ylabel("test accuracy (fraction of examples correct)")
     ax.set_title(_title(f"Test accuracy by target variant: mean, with 95% bootstrap CI over "
-                        f"seeds and examples ({_seeds_note(data)}); y-axis cut to the data"),
+                        f"seeds and examples ({_seeds_note(data)})"
+                        + (f"; y-axis starts at {bottom:.2f}" if bottom > 0 else "")),
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
+    return bottom
 
 
 def difference_intervals(data: dict, settings, variants, path: str) -> None:
@@ -102,7 +107,7 @@ def difference_intervals(data: dict, settings, variants, path: str) -> None:
     ax.axvline(0.0, color="k", lw=0.8)
     lim = max(0.02, 1.15 * max(abs(x) for x in span))
     ax.set_xlim(-lim, lim)
-    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_ylim(max(len(rows), 1) - 0.5, -0.5)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{s[0]}/{s[1]}: {v}" for s, v in rows], fontsize=7)
     for y, (_, v) in enumerate(rows):

@@ -274,6 +274,10 @@ def write_report(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Seq
     data = tables.build_tables(results, settings, variants, seeds, n_boot)
     expected = len(settings) * len(variants) * len(seeds)
     figs = {name: f"![{title}]({name})" for name, title in FIGURES}
+    bottom = plots.accuracy_bars(data, settings, variants, os.path.join(out_dir, "accuracy.png"))
+    plots.difference_intervals(data, settings, variants, os.path.join(out_dir, "differences.png"))
+    plots.predicted_labels(data, settings, variants,
+                           os.path.join(out_dir, "predicted_labels.png"))
     parts = [f"# Results: {len(results)} of {expected} runs found in {sweep_dir}", "",
              summary(data, settings, variants, len(results), expected), "",
              "## Accuracy", "",
@@ -282,8 +286,10 @@ def write_report(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Seq
              f"are drawn below and listed in results.csv.", "",
              tables.markdown_table(data, "accuracy", settings, variants), "",
              figs["accuracy.png"], "",
-             "Dashed line: the majority-class rate; the y-axis is cut to the range of the "
-             "data, so bar heights are not proportional to accuracy.", "",
+             "Dashed line: the majority-class rate; " + (
+                 f"the y-axis starts at {bottom:.2f}, not 0, so bar heights are not "
+                 f"proportional to accuracy." if bottom > 0 else "the y-axis starts at 0."),
+             "",
              f"## Accuracy difference to {tables.BASELINE} (paired hierarchical bootstrap, "
              f"Holm-corrected)", "",
              tables.markdown_diffs(data, settings, variants), "", figs["differences.png"],
@@ -305,10 +311,6 @@ def write_report(sweep_dir: str, out_dir: str, sources: Sequence[str], axes: Seq
     for m in tables.TABLE_METRICS[1:]:
         parts += ["", f"## {m}", "", tables.markdown_table(data, m, settings, variants)]
     parts += ["", baselines_and_timing(sweep_dir, cell_list, data, settings)]
-    plots.accuracy_bars(data, settings, variants, os.path.join(out_dir, "accuracy.png"))
-    plots.difference_intervals(data, settings, variants, os.path.join(out_dir, "differences.png"))
-    plots.predicted_labels(data, settings, variants,
-                           os.path.join(out_dir, "predicted_labels.png"))
     if probe_summary is not None:
         parts += ["", probe_summary(sweep_dir, out_dir, sources, axes, variants, seeds)]
     text = "\n".join(parts) + "\n"
