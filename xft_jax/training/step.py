@@ -75,6 +75,14 @@ def _target_hidden(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions, rn
     return out["hidden"], targets, loss_mask, label_mask, positions
 
 
+def _token_sums(hidden, targets, loss_mask, label_mask, base, cfg: ModelConfig,
+                opts: ForwardOptions, scfg: StepConfig) -> dict:
+    """The loss sums (training.loss.SUM_KEYS) of the LM head over ``hidden``."""
+    ce, correct = loss_lib.chunked_token_ce(hidden, lm_head(base, cfg, opts.dtype), targets,
+                                            scfg.ce_chunk)
+    return loss_lib.masked_sums(ce, correct, loss_mask, label_mask, scfg.label_loss_weight)
+
+
 def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
                   scfg: StepConfig, rng, n_tok_total):
     """(objective / n_tok_total, sums) for one micro-batch.
@@ -83,9 +91,7 @@ def loss_and_sums(lora, base, batch, cfg: ModelConfig, opts: ForwardOptions,
     head run at the K target positions only; without it, at every position (chunked)."""
     hidden, targets, loss_mask, label_mask, _ = _target_hidden(lora, base, batch, cfg, opts,
                                                                rng)
-    ce, correct = loss_lib.chunked_token_ce(hidden, lm_head(base, cfg, opts.dtype), targets,
-                                            scfg.ce_chunk)
-    sums = loss_lib.masked_sums(ce, correct, loss_mask, label_mask, scfg.label_loss_weight)
+    sums = _token_sums(hidden, targets, loss_mask, label_mask, base, cfg, opts, scfg)
     return sums["objective_sum"] / jnp.maximum(n_tok_total, 1.0), sums
 
 
@@ -98,9 +104,7 @@ def validation_sums(lora, base, batch, label_pos, label_ids, cfg: ModelConfig,
     the uniform distribution. Needs ``target_pos`` in ``batch``."""
     hidden, targets, loss_mask, label_mask, positions = _target_hidden(
         lora, base, batch, cfg, opts, None)
-    ce, correct = loss_lib.chunked_token_ce(hidden, lm_head(base, cfg, opts.dtype), targets,
-                                            scfg.ce_chunk)
-    sums = loss_lib.masked_sums(ce, correct, loss_mask, label_mask, scfg.label_loss_weight)
+    sums = _token_sums(hidden, targets, loss_mask, label_mask, base, cfg, opts, scfg)
     at_label = (positions == label_pos) & (batch["target_pos"] >= 0)
     h = jnp.einsum("bk,bkd->bd", at_label.astype(hidden.dtype), hidden)
     cols = scoring.head_columns(base, cfg, label_ids, opts.dtype)
