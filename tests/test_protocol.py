@@ -105,7 +105,8 @@ def test_best_validation_checkpoint_is_kept_recorded_and_evaluated(tmp_path, mon
 
     def scripted(eval_fn, lora, base, run_data, mesh, max_batches=None):
         seen.append(sorted(run_data.eval.example_ids))
-        return {"accuracy": next(script), "nll": 1.0, "n": len(run_data.eval.example_ids)}
+        return ({"accuracy": next(script), "nll": 1.0, "n": len(run_data.eval.example_ids)},
+                {"eval_loss": 1.0})
 
     monkeypatch.setattr(trainer, "validate", scripted)
     c = tiny.get_config("synthetic,naturalness,label_only")

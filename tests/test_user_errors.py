@@ -50,6 +50,8 @@ def test_user_error_is_one_line_exit_2_and_a_bug_keeps_its_traceback(capsys):
     ("optim.lr", -1e-3, "optim.lr=-0.001"),
     ("data.source", "cornel_movie", "data.source='cornel_movie' is not a known source"),
     ("data.target", "explanations", "data.target='explanations'"),
+    ("data.eval_examples", 0, "data.eval_examples=0.0: must be a positive integer"),
+    ("train.eval_batches", 0, "train.eval_batches=0.0: must be a positive integer"),
 ])
 def test_config_values_that_cannot_work_are_named(key, value, says):
     from xft_jax import errors
@@ -62,6 +64,21 @@ def test_config_values_that_cannot_work_are_named(key, value, says):
         check_train_config(c)
     assert says in str(e.value)
     assert errors.is_user_error(e.value)
+
+
+def test_validation_that_scores_nothing_names_the_keys_to_change():
+    """A validation split with no scorable example stops the run with the fix named,
+    rather than recording an empty selection point."""
+    import types
+
+    from xft_jax import errors
+    from xft_jax.training import trainer
+
+    run_data = types.SimpleNamespace(eval=types.SimpleNamespace(dataset=[]),
+                                     label_token_ids=[1, 2, 3, 4, 5])
+    with pytest.raises(errors.ConfigValueError, match="validation scored no example.*"
+                       "data.max_len.*train.eval_every=0"):
+        trainer.validate(None, None, None, run_data, mesh=None)
 
 
 # ------------------------------------------------------------------------ data (6-9, 15)

@@ -34,6 +34,13 @@ def check_train_config(config) -> None:
         v = _number(config, key)
         if v < 1 or v != int(v):
             raise ConfigValueError(f"config.{key}={v}: must be a positive integer")
+    for key in ("data.eval_examples", "train.eval_batches"):   # None: the whole split
+        section, leaf = key.split(".")
+        if config[section][leaf] is not None:
+            v = _number(config, key)
+            if v < 1 or v != int(v):
+                raise ConfigValueError(f"config.{key}={v}: must be a positive integer, or "
+                                       f"None for the whole validation split")
     d = config.data
     if d.source not in SOURCES:
         raise ConfigValueError(f"config.data.source={d.source!r} is not a known source; "

@@ -290,10 +290,10 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
             validated = bool(every["eval_every"] and run_data.eval is not None and (
                 step % every["eval_every"] == 0 or step == steps))
             if validated:
-                v = validate(eval_fn, lora, base, run_data, mesh, config.train.eval_batches)
-                m.update({k: v.pop(k) for k in list(v) if k.startswith("eval_")},
-                         val_accuracy=v["accuracy"], val_nll=v["nll"])
-                if curve.add(step, **v):
+                point, losses = validate(eval_fn, lora, base, run_data, mesh,
+                                         config.train.eval_batches)
+                m.update(losses, val_accuracy=point["accuracy"], val_nll=point["nll"])
+                if curve.add(step, **point):
                     ckpts.protect(step)
             if every["log_every"] and (step % every["log_every"] == 0 or step == steps):
                 logger.log(step, {k: v for k, v in m.items() if k != "finite"})
@@ -345,12 +345,14 @@ def _make_eval(cfg, opts, scfg, mesh, lora_sh, base_sh):
                    out_shardings=(rep, rep))
 
 
-def validate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
-    """The validation split in one pass: rating accuracy and NLL read as the final
-    evaluation reads test (the argmax over the five label tokens at the label position;
-    adapters applied unmerged here, merged there, equal up to float rounding), and the
-    teacher-forced loss, label loss and label accuracy (argmax over the whole
-    vocabulary)."""
+def validate(eval_fn, lora, base, run_data, mesh,
+             max_batches=None) -> tuple[dict, dict]:
+    """The validation split in one pass, as ``(point, losses)``. ``point`` is the
+    selection curve's entry: rating accuracy and NLL read as the final evaluation reads
+    test (the argmax over the five label tokens at the label position; adapters applied
+    unmerged here, merged there, equal up to float rounding) and the example count.
+    ``losses`` are the logged ``eval_*`` metrics: the teacher-forced loss, label loss and
+    label accuracy (argmax over the whole vocabulary)."""
     total, labels, log_probs = None, [], []
     label_ids = jnp.asarray(run_data.label_token_ids, jnp.int32)
     for batch in batches_lib.eval_batches(run_data, max_batches):
@@ -362,12 +364,16 @@ def validate(eval_fn, lora, base, run_data, mesh, max_batches=None) -> dict:
         real = np.asarray(batch["valid"]) > 0
         labels.append(np.asarray(batch["label"])[real])
         log_probs.append(np.asarray(logp, np.float64)[real])
-    if total is None:
-        return {}
+    n = int(sum(len(x) for x in labels))
+    if n == 0:
+        raise ConfigValueError(
+            "validation scored no example: the validation split is empty or no example "
+            "fits config.data.max_len; raise data.validation_fraction or data.max_len, or "
+            "set train.eval_every=0 to train without selection")
     acc, nll = selection.rating_accuracy(np.concatenate(labels).astype(np.int64),
                                          np.concatenate(log_probs))
     f = {k: float(v) for k, v in jax.device_get(loss_lib.finalize(total)).items()}
-    return {"accuracy": acc, "nll": nll, "n": int(sum(len(x) for x in labels)),
-            "eval_loss": f["loss"], "eval_label_loss": f["label_loss"],
-            "eval_label_accuracy": f["label_accuracy"],
-            "eval_explanation_loss": f["explanation_loss"]}
+    return ({"accuracy": acc, "nll": nll, "n": n},
+            {"eval_loss": f["loss"], "eval_label_loss": f["label_loss"],
+             "eval_label_accuracy": f["label_accuracy"],
+             "eval_explanation_loss": f["explanation_loss"]})
