@@ -40,10 +40,12 @@ _EPOCHS = flags.DEFINE_float("epochs", None, "train.epochs.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "data.num_train (a subset).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", None, "train.eval_every (0: none).")
 _B2 = flags.DEFINE_float("b2", None, "optim.b2 (Adam's second-moment decay).")
+_LORA_PLUS = flags.DEFINE_float("lora_plus_ratio", None, "optim.lora_plus_ratio (LoRA+).")
 
 OVERRIDES = {"optim.lr": _LR, "optim.schedule": _SCHEDULE, "optim.warmup_steps": _WARMUP,
              "data.batch_size": _BATCH, "train.epochs": _EPOCHS, "data.num_train": _NUM_TRAIN,
-             "train.eval_every": _EVAL_EVERY, "optim.b2": _B2, **demo_flags.DATA_OVERRIDES}
+             "train.eval_every": _EVAL_EVERY, "optim.b2": _B2,
+             "optim.lora_plus_ratio": _LORA_PLUS, **demo_flags.DATA_OVERRIDES}
 
 
 def main(argv):

@@ -243,3 +243,39 @@ def test_validation_pass_equals_loss_sums_and_the_final_scoring(trained):
     np.testing.assert_allclose(logp[:7], ref[:7], atol=1e-5)
     assert not np.allclose(logp[0], logp[0].mean())          # a real, non-uniform rating
     np.testing.assert_allclose(logp[7], np.log(np.full(5, 0.2)), atol=1e-6)
+
+
+def test_lora_plus_scales_only_the_b_updates():
+    """optim.lora_plus_ratio gives the B matrices that many times A's step (weight decay
+    included); at 1 the optimiser's state keeps the plain chain's structure, so runs saved
+    before the key existed resume."""
+    from xft_jax.errors import ConfigValueError
+
+    rng = np.random.default_rng(0)
+    params = {"layers": {t: {"a": jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32),
+                             "b": jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)}
+                         for t in ("q_proj", "down_proj")}}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                         params)
+
+    def first_update(ratio):
+        c = optim_cfg(1e-3)
+        c.lora_plus_ratio = ratio
+        tx, _ = optim.make_optimizer(c, 10)
+        state = tx.init(params)
+        return tx.update(grads, state, params)[0], state
+
+    plain, plain_state = first_update(1.0)
+    plus, plus_state = first_update(16.0)
+    for t in ("q_proj", "down_proj"):
+        np.testing.assert_array_equal(plus["layers"][t]["a"], plain["layers"][t]["a"])
+        np.testing.assert_allclose(plus["layers"][t]["b"], 16.0 * plain["layers"][t]["b"],
+                                   rtol=1e-6)
+    assert (jax.tree.structure(plain_state) ==
+            jax.tree.structure(optim.make_optimizer(optim_cfg(1e-3), 10)[0].init(params)))
+    assert jax.tree.structure(plus_state) != jax.tree.structure(plain_state)
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        c = optim_cfg()
+        c.lora_plus_ratio = bad
+        with pytest.raises(ConfigValueError, match="config.optim.lora_plus_ratio"):
+            optim.make_optimizer(c, 10)

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
+    c.optim.lora_plus_ratio = 1.0     # LoRA+: the B matrices' lr over the A matrices' (1: off)
 
     c.train = ml_collections.ConfigDict()
     # Length of a run: passes over the training split (steps follow from its size and

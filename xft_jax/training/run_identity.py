@@ -28,6 +28,11 @@ LOCATION_KEYS = ("model.path", "model.tokenizer", "data.path")
 EVAL_OPERATIONAL_KEYS = ("mesh", "model.workdir", "model.path", "model.adapter",
                          "model.tokenizer", "data.path", "eval.batch_size", "eval.vocab_chunk")
 
+# Keys added after runs were saved without them, with the value that computes what those
+# runs computed: a saved config lacking the key equals one holding that value, so an
+# older run resumes and an older study's finished cells count as done.
+LATER_KEYS = {"optim.lora_plus_ratio": 1.0}
+
 
 class _Absent:
     """The value of a key a config does not have (written before the key existed)."""
@@ -59,6 +64,15 @@ def _matches(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+def _later_key_value(key: str):
+    """The LATER_KEYS value of a run-config key, or of a cell definition's ``train.``
+    key; _ABSENT for any other key."""
+    for k in (key, key[len("train."):] if key.startswith("train.") else None):
+        if k in LATER_KEYS:
+            return LATER_KEYS[k]
+    return _ABSENT
+
+
 def differences(old: Mapping, new: Mapping, ignore=OPERATIONAL_KEYS) -> list[str]:
     """``"key: old -> new"`` for every flattened key whose value differs (or exists on
     one side only), leaving out keys under ``ignore``; sorted by key."""
@@ -67,7 +81,8 @@ def differences(old: Mapping, new: Mapping, ignore=OPERATIONAL_KEYS) -> list[str
     for key in sorted(set(a) | set(b)):
         if _matches(key, ignore):
             continue
-        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        absent = _later_key_value(key)
+        va, vb = a.get(key, absent), b.get(key, absent)
         if va != vb:
             out.append(f"{key}: {va!r} -> {vb!r}")
     return out
@@ -119,6 +134,6 @@ def check_resume_data(saved: Mapping | None, info: Mapping, checkpoint: str) -> 
             f"new workdir.")
 
 
-__all__ = ["OPERATIONAL_KEYS", "LOCATION_KEYS", "EVAL_OPERATIONAL_KEYS", "RunMismatchError",
+__all__ = ["OPERATIONAL_KEYS", "LOCATION_KEYS", "LATER_KEYS", "EVAL_OPERATIONAL_KEYS", "RunMismatchError",
            "flatten", "differences", "cell_differences", "mismatch_message",
            "check_resume_config", "check_resume_data"]
