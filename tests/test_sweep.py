@@ -118,6 +118,66 @@ def test_rerun_skips_finished_and_retries_failed(tmp_path):
     assert r4["done"] == [bad] and len(r4["skipped"]) == 3
 
 
+# A training run as the sweep sees one: it waits for work, and on SIGTERM "saves" and
+# exits 0 (xft_jax.train's contract).
+PREEMPTIBLE_RUN = """
+import os, signal, sys, time
+root = sys.argv[1]
+def save(signum, frame):
+    open(os.path.join(root, "saved"), "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+os.makedirs(root, exist_ok=True)
+open(os.path.join(root, "started"), "w").close()
+time.sleep(60)
+sys.exit(5)
+"""
+
+
+def test_sigterm_stops_the_sweep_after_the_running_command_without_costing_an_attempt(
+        tmp_path):
+    import signal
+    import threading
+    import time
+
+    sweep = str(tmp_path)
+    cells = grid.cells(["coqa"], ["naturalness"], ["label_only", "explanation"], [0])
+    first = os.path.join(sweep, cells[0].rel)
+
+    def preempted(cell):
+        root = os.path.join(sweep, cell.rel)
+        return [[sys.executable, "-c", PREEMPTIBLE_RUN, root],
+                [sys.executable, "-c", FAKE_RUN, root]]
+
+    def preempt_when_started():
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(first, "started")) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=preempt_when_started, daemon=True).start()
+    lines = []
+    r = grid.run_local(cells, sweep, preempted, probe=True, max_attempts=1,
+                       log=lines.append)
+    assert signal.getsignal(signal.SIGTERM) is handler           # restored
+    assert r["interrupted"] == [cells[0]] and not r["done"] and not r["failed"]
+    assert os.path.exists(os.path.join(first, "saved"))          # SIGTERM reached the run
+    assert not os.path.exists(os.path.join(first, "calls"))      # nothing ran after it
+    assert not os.path.exists(os.path.join(sweep, cells[1].rel))  # nor the next cell
+    assert json.load(open(os.path.join(first, "status.json"))) == {"state": "interrupted",
+                                                                   "attempts": 0}
+    assert lines[-1].startswith(f"[sweep] {cells[0].rel}: stopped by SIGTERM")
+
+    def finishing(cell):
+        return [[sys.executable, "-c", FAKE_RUN, os.path.join(sweep, cell.rel)]]
+
+    r = grid.run_local(cells, sweep, finishing, probe=True, max_attempts=1,
+                       log=lambda *_: None)                       # the re-run resumes
+    assert r["done"] == cells and not r["failed"]
+    assert json.load(open(os.path.join(first, "status.json")))["attempts"] == 1
+
+
 def _launch(sweep, *extra):
     """The sweep main with the gpu_node launcher in its dry-run mode (nothing runs)."""
     return subprocess.run(
@@ -266,6 +326,6 @@ def test_base_probe_runs_once_per_command_and_reports_failure(tmp_path):
     assert sweep_main.run_base_probe(sweep, setting, changed, lines.append) is None
     assert open(os.path.join(out_dir, "calls")).read() == "xx"
     err = sweep_main.run_base_probe(sweep, setting, [sys.executable, "-c", "raise SystemExit(4)"])
-    assert err == f"exit 4, see {out_dir}/log.txt"
+    assert err.startswith("exit 4: ") and err.endswith(f"(see {out_dir}/log.txt)")
     assert not sweep_main.base_probe_done(sweep, setting, [sys.executable, "-c",
                                                             "raise SystemExit(4)"])

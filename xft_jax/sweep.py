@@ -85,11 +85,18 @@ def main(argv):
                    "variants": list(c.variants), "seeds": list(c.seeds),
                    "probe": bool(c.probe), "train_config": c.train_config}, f, indent=2)
     if c.launcher == "local":
-        result = grid.run_local(cell_list, sweep_dir, commands_of, c.probe, c.max_attempts,
-                                log=logging.info, definition_of=definition_of)
-        failed_probes = [f"{os.path.join(*s, probe_summary.BASE)} ({err})"
-                         for s, cmd in probes
-                         if (err := run_base_probe(sweep_dir, s, cmd, logging.info))]
+        with grid.CommandRunner() as runner:
+            result = grid.run_local(cell_list, sweep_dir, commands_of, c.probe,
+                                    c.max_attempts, log=logging.info,
+                                    definition_of=definition_of, runner=runner)
+            failed_probes = [f"{os.path.join(*s, probe_summary.BASE)} ({err})"
+                             for s, cmd in probes
+                             if (err := run_base_probe(sweep_dir, s, cmd, logging.info,
+                                                       runner))]
+        if runner.stopped:
+            print(f"stopped by SIGTERM: {len(result['done'])} cell(s) finished in this "
+                  f"invocation; rerun the same command to resume")
+            return 0
     elif c.launcher in LAUNCHERS:
         result = submit_jobs(cell_list, sweep_dir, commands_of, c.probe, LAUNCHERS[c.launcher],
                              definition_of, probes)
@@ -153,22 +160,24 @@ def base_probe_done(sweep_dir, setting, cmd) -> bool:
         return json.load(f) == list(cmd[1:])
 
 
-def run_base_probe(sweep_dir, setting, cmd, log=print) -> str | None:
+def run_base_probe(sweep_dir, setting, cmd, log=print,
+                   runner: grid.CommandRunner | None = None) -> str | None:
     """Runs one base probe unless it is done under the same command; returns why it
-    failed, or None."""
+    failed, or None (also when SIGTERM stopped it: see ``runner.stopped``)."""
     where = os.path.join(*setting, probe_summary.BASE)
     if base_probe_done(sweep_dir, setting, cmd):
         log(f"[sweep] finished earlier, skipped: {where}")
         return None
+    if runner is None:
+        with grid.CommandRunner() as own:
+            return run_base_probe(sweep_dir, setting, cmd, log, own)
+    if runner.stopped:
+        return None
     out_dir = probe_summary.base_probe_dir(sweep_dir, *setting)
     os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.txt")
-    with open(log_path, "a", encoding="utf-8") as logf:
-        logf.write("$ " + shlex.join(cmd) + "\n")
-        logf.flush()
-        rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT)
-    if rc != 0:
-        return f"exit {rc}, see {log_path}"
+    error = runner.run([cmd], os.path.join(out_dir, "log.txt"))
+    if error or runner.stopped:
+        return error
     atomic.write_json(_base_marker(sweep_dir, setting), list(cmd[1:]))
     log(f"[sweep] done: {where} (results in {out_dir})")
     return None

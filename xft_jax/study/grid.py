@@ -15,8 +15,10 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Iterable, Sequence
 
@@ -187,14 +189,73 @@ def score_line(sweep_dir: str, cell: Cell) -> str:
     return f"{cell.rel}: {scores}; results in {eval_dir}"
 
 
+class CommandRunner:
+    """Runs a cell's commands one after another, their output appended to a log.
+
+    Used as a context manager: while active, SIGTERM (a preempted job) is passed on to the
+    running command, where a training run saves its checkpoint and exits, and ``stopped``
+    turns True, so the caller runs nothing more and records the try as interrupted, not
+    failed: an interruption costs none of a cell's ``max_attempts``."""
+
+    def __init__(self):
+        self.stopped = False
+        self._child: subprocess.Popen | None = None
+        self._previous = None
+
+    def _on_sigterm(self, signum, frame):
+        self.stopped = True
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(signal.SIGTERM)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def run(self, cmds: Sequence[Sequence[str]], log_path: str) -> str | None:
+        """Runs ``cmds`` until one fails or SIGTERM arrives; returns why one failed, or
+        None (also when stopped: check ``stopped``)."""
+        with open(log_path, "a", encoding="utf-8") as logf:
+            for cmd in cmds:
+                if self.stopped:
+                    return None
+                logf.write("$ " + shlex.join(cmd) + "\n")
+                logf.flush()
+                self._child = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+                if self.stopped:      # SIGTERM came while the command was being started
+                    self._child.send_signal(signal.SIGTERM)
+                try:
+                    rc = self._child.wait()
+                finally:
+                    self._child = None
+                if self.stopped:
+                    logf.write(f"[sweep] SIGTERM: stopped after this command (exit {rc})\n")
+                    return None
+                if rc != 0:
+                    return f"exit {rc}: {shlex.join(cmd[:4])} ... (see {log_path})"
+        return None
+
+
 def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: bool,
-              max_attempts: int = 2, log=print,
-              definition_of=None) -> dict[str, list[Cell]]:
-    """Runs pending and failed cells one after another; returns done/failed/skipped lists.
-    With ``definition_of``, each cell it runs records its definition; check the finished
-    ones against it first (``check_definitions``)."""
-    result = {"done": [], "failed": [], "skipped": []}
+              max_attempts: int = 2, log=print, definition_of=None,
+              runner: CommandRunner | None = None) -> dict[str, list[Cell]]:
+    """Runs pending and failed cells one after another; returns done/failed/skipped/
+    interrupted lists. With ``definition_of``, each cell it runs records its definition;
+    check the finished ones against it first (``check_definitions``). SIGTERM stops it
+    after the running command (``CommandRunner``); the re-run resumes that cell."""
+    if runner is None:
+        with CommandRunner() as own:
+            return run_local(cell_list, sweep_dir, commands_of, probe, max_attempts, log,
+                             definition_of, own)
+    result = {"done": [], "failed": [], "skipped": [], "interrupted": []}
     for cell in cell_list:
+        if runner.stopped:
+            break
         status = read_status(sweep_dir, cell)
         if is_done(sweep_dir, cell, probe):
             log(f"[sweep] finished earlier, skipped: {score_line(sweep_dir, cell)}")
@@ -210,16 +271,14 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
         os.makedirs(os.path.join(sweep_dir, cell.rel), exist_ok=True)
         if definition_of is not None:
             record_definition(sweep_dir, cell, definition_of(cell))
-        log_path = os.path.join(sweep_dir, cell.rel, "log.txt")
-        error = None
-        with open(log_path, "a", encoding="utf-8") as logf:
-            for cmd in commands_of(cell):
-                logf.write("$ " + shlex.join(cmd) + "\n")
-                logf.flush()
-                rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT)
-                if rc != 0:
-                    error = f"exit {rc}: {shlex.join(cmd[:4])} ... (see {log_path})"
-                    break
+        error = runner.run(commands_of(cell), os.path.join(sweep_dir, cell.rel, "log.txt"))
+        if runner.stopped:
+            write_status(sweep_dir, cell, {"state": "interrupted",
+                                           "attempts": status["attempts"]})
+            log(f"[sweep] {cell.rel}: stopped by SIGTERM (a training run saves its "
+                f"checkpoint); the same command resumes it")
+            result["interrupted"].append(cell)
+            break
         if not error and not is_done(sweep_dir, cell, probe):
             error = "commands succeeded but eval/metrics.json, eval/predictions.csv" + (
                 " or probe/probe.json" if probe else "") + " is missing"
