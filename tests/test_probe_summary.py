@@ -167,3 +167,35 @@ def test_base_probe_command_carries_the_runs_model_and_data():
         assert flag in cmd, flag
     assert not any("tokenizer" in a or "num_train" in a for a in cmd)
     assert ml_collections  # the flags parse as the eval config's (tests/test_sweep.py)
+
+
+def test_the_demo_and_the_sweep_point_the_base_probe_alike(tmp_path):
+    """The demo's in-process base probe and the sweep's command carry the same settings
+    (base_probe_settings), and both count a base probe done by one marker."""
+    import json
+
+    from xft_jax.study import demo_configs, demo_lib, grid
+
+    c = demo_configs.demo_config("smoke")
+    tc, _, _ = demo_lib.cell_configs(c, grid.Cell(c.source, "naturalness", "label_only", 0),
+                                     "/base", str(tmp_path))
+    bc = demo_lib.base_probe_config(c, "naturalness", "/base", str(tmp_path))
+    train = json.loads(tc.to_json_best_effort())
+    settings = probe_summary.base_probe_settings(train)
+    assert settings["model.path"] == "/base" and settings["model.dtype"] == "float32"
+    assert settings["data.prompt_room"] == tuple(train["data"]["prompt_room"])
+    assert bc.model.workdir == ""
+    for key, value in settings.items():
+        section, leaf = key.split(".")
+        assert bc[section][leaf] == value, key
+    cmd = probe_summary.base_probe_command(str(tmp_path), c.source, "naturalness", train)
+    assert all(any(a.startswith(f"--config.{k}=") for a in cmd) for k in settings)
+
+    out_dir = str(tmp_path / "base")
+    os.makedirs(out_dir)
+    definition = json.loads(bc.to_json_best_effort())
+    probe_summary.record_base_probe(out_dir, definition)
+    assert not probe_summary.base_probe_done(out_dir, definition)    # no probe.json yet
+    open(os.path.join(out_dir, "probe.json"), "w").write("{}")
+    assert probe_summary.base_probe_done(out_dir, definition)
+    assert not probe_summary.base_probe_done(out_dir, dict(definition, data={}))

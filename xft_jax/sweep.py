@@ -22,7 +22,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from xft_jax import atomic, console, errors
+from xft_jax import console, errors
 from xft_jax.study import grid, probe_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Sweep config.")
@@ -146,18 +146,10 @@ def base_probes(cell_list, sweep_dir, definition_of) -> list[tuple[tuple[str, st
     return list(out.items())
 
 
-def _base_marker(sweep_dir, setting) -> str:
-    return os.path.join(probe_summary.base_probe_dir(sweep_dir, *setting), "command.json")
-
-
 def base_probe_done(sweep_dir, setting, cmd) -> bool:
     """Its probe.json exists and was written by the same command (the interpreter aside)."""
-    out_dir = probe_summary.base_probe_dir(sweep_dir, *setting)
-    marker = _base_marker(sweep_dir, setting)
-    if not (os.path.exists(os.path.join(out_dir, "probe.json")) and os.path.exists(marker)):
-        return False
-    with open(marker, encoding="utf-8") as f:
-        return json.load(f) == list(cmd[1:])
+    return probe_summary.base_probe_done(probe_summary.base_probe_dir(sweep_dir, *setting),
+                                         list(cmd[1:]))
 
 
 def run_base_probe(sweep_dir, setting, cmd, log=print,
@@ -178,7 +170,7 @@ def run_base_probe(sweep_dir, setting, cmd, log=print,
     error = runner.run([cmd], os.path.join(out_dir, "log.txt"))
     if error or runner.stopped:
         return error
-    atomic.write_json(_base_marker(sweep_dir, setting), list(cmd[1:]))
+    probe_summary.record_base_probe(out_dir, list(cmd[1:]))
     log(f"[sweep] done: {where} (results in {out_dir})")
     return None
 

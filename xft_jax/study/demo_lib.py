@@ -12,7 +12,7 @@ import time
 
 from tqdm import tqdm
 
-from xft_jax import atomic, config_defaults
+from xft_jax import config_defaults
 from xft_jax.eval import evaluation, probe_runs
 from xft_jax.data import synthetic
 from xft_jax.models.bundled import bundled_model
@@ -74,15 +74,18 @@ def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> in
 
 
 def base_probe_config(c, axis: str, base_dir: str, sweep_dir: str):
-    """The probe config of the untuned base on ``axis``: the same examples, prompts and
-    cuts as the cells' probes (the data section of the axis's first run)."""
+    """The probe config of the untuned base on ``axis``: the cells' probe config pointed
+    at the base with the axis's first run's model and data settings
+    (``probe_summary.base_probe_settings``, as the sweep's base probe)."""
     tc, _, pc = cell_configs(c, grid.Cell(c.source, axis, c.variants[0], c.seeds[0]),
                              base_dir, sweep_dir)
     bc = copy.deepcopy(pc)
-    with bc.unlocked():
-        bc.model.workdir, bc.model.path = "", base_dir
-        for k in evaluation.DATA_KEYS:
-            bc.data[k] = tc.data[k]
+    settings = probe_summary.base_probe_settings(json.loads(tc.to_json_best_effort()))
+    bc.model.workdir = ""
+    bc.lock()                                 # a key the eval config lacks fails here
+    for key, value in settings.items():
+        section, leaf = key.split(".")
+        bc[section][leaf] = value
     return bc
 
 
@@ -91,13 +94,10 @@ def run_base_probe(c, axis: str, base_dir: str, sweep_dir: str) -> None:
     bc = base_probe_config(c, axis, base_dir, sweep_dir)
     out_dir = probe_summary.base_probe_dir(sweep_dir, c.source, axis)
     definition = json.loads(bc.to_json_best_effort())
-    marker = os.path.join(out_dir, "definition.json")
-    if os.path.exists(marker) and os.path.exists(os.path.join(out_dir, "probe.json")):
-        with open(marker, encoding="utf-8") as f:
-            if json.load(f) == definition:
-                return
+    if probe_summary.base_probe_done(out_dir, definition):
+        return
     probe_runs.run_base_probe(bc, out_dir)
-    atomic.write_json(marker, definition)
+    probe_summary.record_base_probe(out_dir, definition)
 
 
 def base_of(c, out: str) -> tuple[str, dict]:

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from xft_jax import atomic
 from xft_jax.eval import outputs
 from xft_jax.eval.evaluation import DATA_KEYS
 from xft_jax.eval.probe import OUTLIER_K, middle_layers
@@ -50,27 +51,51 @@ def base_probe_dir(sweep_dir: str, source: str, axis: str) -> str:
     return os.path.join(sweep_dir, source, axis, BASE, "probe")
 
 
+_BASE_MODEL_KEYS = ("path", "tokenizer", "dtype", "compute_dtype", "quantization",
+                    "quant_block", "quant_double", "quant_dq_block", "quant_lm_head")
+BASE_DEFINITION = "definition.json"   # what a finished base probe ran under
+
+
+def base_probe_settings(train: Mapping) -> dict:
+    """``{"model.path": ..., "data.axis": ..., ...}``: the eval-config keys that point a
+    probe at the untuned base of a setting, from one of its runs' resolved training config
+    ``train`` (JSON-like): the same base, dtype, quantisation and test data (prompt room
+    included) as the runs. Unset keys are left out; lists become tuples."""
+    m, d = train["model"], train["data"]
+    out = {}
+    for section, keys, values in (("model", _BASE_MODEL_KEYS, m), ("data", DATA_KEYS, d)):
+        for k in keys:
+            v = values.get(k)
+            if v is not None and v != "":
+                out[f"{section}.{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
 def base_probe_command(sweep_dir: str, source: str, axis: str, train: Mapping,
                        python: str = sys.executable,
                        eval_config: str = "configs/eval.py") -> list[str]:
-    """argv of ``xft_jax.probe`` on the untuned base of a setting, from one of its cells'
-    resolved training config ``train`` (as ``grid.commands_definition`` gives it): the
-    same base, dtype, quantisation and test data (prompt room included) as the runs."""
-    m, d = train["model"], train["data"]
+    """argv of ``xft_jax.probe`` on the untuned base of a setting (``base_probe_settings``
+    as flags), for the sweep's subprocesses and job scripts."""
     args = [python, "-m", "xft_jax.probe", f"--config={eval_config}",
-            f"--out={base_probe_dir(sweep_dir, source, axis)}",
-            f"--config.model.path={m['path']}"]
-    for k in ("tokenizer", "dtype", "compute_dtype", "quantization", "quant_block",
-              "quant_double", "quant_dq_block", "quant_lm_head"):
-        if m.get(k) not in (None, ""):
-            args.append(f"--config.model.{k}={m[k]}")
-    for k in DATA_KEYS:
-        v = d.get(k)
-        if v is None or v == "":
-            continue
-        args.append(f"--config.data.{k}={tuple(v)!r}" if isinstance(v, (list, tuple))
-                    else f"--config.data.{k}={v}")
+            f"--out={base_probe_dir(sweep_dir, source, axis)}"]
+    for key, v in base_probe_settings(train).items():
+        args.append(f"--config.{key}={v!r}" if isinstance(v, tuple) else f"--config.{key}={v}")
     return args
+
+
+def base_probe_done(out_dir: str, definition) -> bool:
+    """The base probe in ``out_dir`` finished under ``definition`` (any JSON value: the
+    demo's probe config, the sweep's command line); run it again otherwise."""
+    marker = os.path.join(out_dir, BASE_DEFINITION)
+    if not (os.path.exists(marker) and os.path.exists(os.path.join(out_dir, "probe.json"))):
+        return False
+    with open(marker, encoding="utf-8") as f:
+        return json.load(f) == definition
+
+
+def record_base_probe(out_dir: str, definition) -> None:
+    """Marks the base probe in ``out_dir`` finished under ``definition``."""
+    atomic.write_json(os.path.join(out_dir, BASE_DEFINITION), definition)
 
 
 def _read(path: str) -> list[dict]:
