@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from xft_jax.study import grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +136,10 @@ sys.exit(5)
 """
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_sigterm_stops_the_sweep_after_the_running_command_without_costing_an_attempt(
-        tmp_path):
+        tmp_path, sig):
+    """SIGTERM (preemption) or Ctrl-C: the running command gets SIGTERM and saves."""
     import signal
     import threading
     import time
@@ -153,14 +157,15 @@ def test_sigterm_stops_the_sweep_after_the_running_command_without_costing_an_at
         deadline = time.time() + 60
         while not os.path.exists(os.path.join(first, "started")) and time.time() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, sig))
 
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)]
     threading.Thread(target=preempt_when_started, daemon=True).start()
     lines = []
     r = grid.run_local(cells, sweep, preempted, probe=True, max_attempts=1,
                        log=lines.append)
-    assert signal.getsignal(signal.SIGTERM) is handler           # restored
+    assert [signal.getsignal(signal.SIGTERM),
+            signal.getsignal(signal.SIGINT)] == handlers          # restored
     assert r["interrupted"] == [cells[0]] and not r["done"] and not r["failed"]
     assert os.path.exists(os.path.join(first, "saved"))          # SIGTERM reached the run
     assert not os.path.exists(os.path.join(first, "calls"))      # nothing ran after it

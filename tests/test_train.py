@@ -180,13 +180,18 @@ def test_resume_after_sigkill_is_exact(one_device, compile_cache, tmp_path):
     _assert_same_as(wd, ref)
 
 
-def test_sigterm_saves_exits_zero_and_resumes_exactly(one_device, compile_cache, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_exits_zero_and_resumes_exactly(one_device, compile_cache, tmp_path,
+                                                      sig):
+    """SIGTERM (preemption) and a Ctrl-C (SIGINT) both save, exit 0 and resume exactly."""
     ref, _ = one_device
     wd = str(tmp_path / "preempted")
     at = random.Random().randint(1, STEPS - 2)
-    print(f"SIGTERM once step {at} is logged")
-    rc, err = _run_until(wd, compile_cache, signal.SIGTERM, at)
+    print(f"{sig.name} once step {at} is logged")
+    rc, err = _run_until(wd, compile_cache, sig, at)
     assert rc == 0, err[-2000:]
+    assert "preempted: saved step" in err
+    assert ("Ctrl-C: saving at the next step" in err) == (sig == signal.SIGINT)
     saved = latest_step(wd)
     assert saved is not None and at <= saved < STEPS
     assert len(metrics_log.read_metrics(wd)) == saved

@@ -28,7 +28,7 @@ def main(argv):
     console.start(_CONFIG)
     result = demo_lib.run_demo(_CONFIG.value, log=logging.info)
     if result.get("stopped"):
-        return 0          # like a training run stopped by SIGTERM: saved, resumable
+        return 0          # like a training run stopped by SIGTERM or Ctrl-C: saved, resumable
     print(result["report"])
     print(f"report written to {result['report_dir']} in {result['seconds']:.0f} s")
 

@@ -94,8 +94,8 @@ def main(argv):
                              if (err := run_base_probe(sweep_dir, s, cmd, logging.info,
                                                        runner))]
         if runner.stopped:
-            print(f"stopped by SIGTERM: {len(result['done'])} cell(s) finished in this "
-                  f"invocation; rerun the same command to resume")
+            print(f"stopped by SIGTERM or Ctrl-C: {len(result['done'])} cell(s) finished in "
+                  f"this invocation; rerun the same command to resume")
             return 0
     elif c.launcher in LAUNCHERS:
         result = submit_jobs(cell_list, sweep_dir, commands_of, c.probe, LAUNCHERS[c.launcher],

@@ -3,8 +3,8 @@
     python -m xft_jax.train --config=configs/tiny.py --workdir=/tmp/run \
         [--config.train.steps=50 --config.data.target=label_only ...]
 
-Restarting with the same --workdir resumes from its latest checkpoint. SIGTERM saves a
-checkpoint and exits 0. Multi-process: pass --coordinator/--num_processes/--process_id
+Restarting with the same --workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C
+saves a checkpoint and exits 0 (a second Ctrl-C stops at once). Multi-process: pass --coordinator/--num_processes/--process_id
 (or run under SLURM / on a TPU pod, detected automatically); --platform=cpu uses gloo.
 """
 

@@ -61,7 +61,7 @@ def cell_definition(c, cell: grid.Cell, base_dir: str, sweep_dir: str, base_mode
 
 def run_cell(c, cell: grid.Cell, base_dir: str, sweep_dir: str, log=print) -> int | None:
     """Trains, evaluates and probes one cell; returns the step training stopped at when a
-    SIGTERM stopped it (nothing is evaluated then), else None."""
+    SIGTERM or Ctrl-C stopped it (nothing is evaluated then), else None."""
     root = os.path.join(sweep_dir, cell.rel)
     tc, ec, pc = cell_configs(c, cell, base_dir, sweep_dir)
     result = trainer.train(tc, ec.model.workdir)
@@ -155,7 +155,8 @@ def run_demo(c, log=print) -> dict:
         grid.record_definition(sweep_dir, cell, definition_of(cell))
         stopped = run_cell(c, cell, base_dir, sweep_dir, log)
         if stopped is not None:
-            msg = (f"[demo] stopped by SIGTERM in {cell.rel} at step {stopped} (saved); "
+            msg = (f"[demo] stopped by SIGTERM or Ctrl-C in {cell.rel} at step {stopped} "
+                   f"(saved); "
                    f"the same command resumes it")
             tqdm.write(msg, file=sys.stderr)
             # The stopped invocation's time counts towards the study's (timing.json).

@@ -192,10 +192,12 @@ def score_line(sweep_dir: str, cell: Cell) -> str:
 class CommandRunner:
     """Runs a cell's commands one after another, their output appended to a log.
 
-    Used as a context manager: while active, SIGTERM (a preempted job) is passed on to the
-    running command, where a training run saves its checkpoint and exits, and ``stopped``
-    turns True, so the caller runs nothing more and records the try as interrupted, not
-    failed: an interruption costs none of a cell's ``max_attempts``."""
+    Used as a context manager: while active, SIGTERM (a preempted job) or Ctrl-C is passed
+    on to the running command as SIGTERM, where a training run saves its checkpoint and
+    exits, and ``stopped`` turns True, so the caller runs nothing more and records the try
+    as interrupted, not failed: an interruption costs none of a cell's ``max_attempts``.
+    (Ctrl-C in a terminal reaches the command too; a training run counts the two as one
+    request to stop.)"""
 
     def __init__(self):
         self.stopped = False
@@ -209,13 +211,14 @@ class CommandRunner:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {s: signal.signal(s, self._on_sigterm)
+                              for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for s, handler in (self._previous or {}).items():
+            signal.signal(s, handler)
+        self._previous = None
 
     def run(self, cmds: Sequence[Sequence[str]], log_path: str) -> str | None:
         """Runs ``cmds`` until one fails or SIGTERM arrives; returns why one failed, or
@@ -234,7 +237,7 @@ class CommandRunner:
                 finally:
                     self._child = None
                 if self.stopped:
-                    logf.write(f"[sweep] SIGTERM: stopped after this command (exit {rc})\n")
+                    logf.write(f"[sweep] stopped by a signal after this command (exit {rc})\n")
                     return None
                 if rc != 0:
                     return f"exit {rc}: {shlex.join(cmd[:4])} ... (see {log_path})"
@@ -275,8 +278,8 @@ def run_local(cell_list: Iterable[Cell], sweep_dir: str, commands_of, probe: boo
         if runner.stopped:
             write_status(sweep_dir, cell, {"state": "interrupted",
                                            "attempts": status["attempts"]})
-            log(f"[sweep] {cell.rel}: stopped by SIGTERM (a training run saves its "
-                f"checkpoint); the same command resumes it")
+            log(f"[sweep] {cell.rel}: stopped by SIGTERM or Ctrl-C (a training run saves "
+                f"its checkpoint); the same command resumes it")
             result["interrupted"].append(cell)
             break
         if not error and not is_done(sweep_dir, cell, probe):

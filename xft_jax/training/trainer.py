@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -59,18 +60,30 @@ class TrainResult:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and returns."""
+    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag; the loop saves at the next step
+    boundary and returns 'preempted'. A second Ctrl-C stops at once (KeyboardInterrupt),
+    keeping the last saved checkpoint: an impatient user loses the steps since then,
+    never the run."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.flag = False
-        self.prev = None
+        self.name = None              # the first signal's name, for the log line
+        self.prev = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(signal.SIGTERM, self._handle)
+            self.prev = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.flag:
+                raise KeyboardInterrupt
+            print("Ctrl-C: saving at the next step, then stopping (Ctrl-C again stops at "
+                  "once, without saving)", file=sys.stderr, flush=True)
+        self.name = self.name or signal.Signals(signum).name
         self.flag = True
 
     def requested(self) -> bool:
@@ -81,8 +94,9 @@ class _Preemption:
         return bool(np.any(flags))
 
     def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGTERM, self.prev)
+        for s, handler in self.prev.items():
+            signal.signal(s, handler)
+        self.prev = {}
 
 
 def save_config(config, workdir: str) -> None:
@@ -116,8 +130,8 @@ def _check_batch(config, scfg: StepConfig, mesh):
 def train(config, workdir: str, *, devices=None) -> TrainResult:
     """Runs (or resumes) training as ``config`` says, writing everything under workdir.
 
-    SIGTERM at any point (loading included) makes the run save after its next step and
-    return with status 'preempted'."""
+    SIGTERM or Ctrl-C at any point (loading included) makes the run save after its next
+    step and return with status 'preempted'."""
     with _Preemption() as preempt:
         return _train(config, workdir, devices, preempt)
 
@@ -307,7 +321,8 @@ def _train_in(config, workdir: str, devices, preempt: _Preemption,
                 selection.write(workdir, curve)
             if stop:
                 status = "preempted"
-                logger.write(f"SIGTERM: saved step {step} to {ckpts.directory}; exiting")
+                logger.write(f"{preempt.name or 'SIGTERM'}: saved step {step} to "
+                             f"{ckpts.directory}; exiting")
                 break
     finally:
         logger.close()
