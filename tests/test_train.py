@@ -207,6 +207,20 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(one_device, compile_cache,
     assert checkpoint_step(wd, None)[1] != "config.model.step"      # finished: chosen
 
 
+def test_only_a_second_ctrl_c_aborts_without_saving():
+    """A sweep forwards SIGTERM when Ctrl-C reaches it and the run alike: SIGTERM and
+    the first Ctrl-C, in either order, ask for a save; a second Ctrl-C aborts."""
+    from xft_jax.training.trainer import _Preemption
+
+    for first, second in ((signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)):
+        p = _Preemption()
+        p._handle(first, None)
+        p._handle(second, None)
+        assert p.flag and p.name == first.name
+        with pytest.raises(KeyboardInterrupt):
+            p._handle(signal.SIGINT, None)
+
+
 # ------------------------------------------------------------------------ resume guard
 def test_resume_refuses_a_changed_config_and_keeps_the_runs_record(one_device, tmp_path):
     ref, _ = one_device

@@ -70,7 +70,8 @@ class _Preemption:
     def __init__(self):
         self.flag = False
         self.name = None              # the first signal's name, for the log line
-        self.prev = {}
+        self.interrupts = 0           # Ctrl-Cs: only a second one aborts (a SIGTERM that
+        self.prev = {}                # comes with the first, from a sweep, does not)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -79,7 +80,8 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.flag:
+            self.interrupts += 1
+            if self.interrupts > 1:
                 raise KeyboardInterrupt
             print("Ctrl-C: saving at the next step, then stopping (Ctrl-C again stops at "
                   "once, without saving)", file=sys.stderr, flush=True)
