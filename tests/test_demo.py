@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -119,6 +121,49 @@ def test_a_demo_stopped_by_sigterm_evaluates_nothing_and_says_how_to_resume(tmp_
     with open(os.path.join(sweep_dir, "timing.json")) as f:      # its time is kept
         entry, = json.load(f)["invocations"]
     assert entry["complete"] is False and entry["runs_trained"] == 0 and entry["wall_s"] > 0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_evaluation_finishes_that_run_then_stops(tmp_path, monkeypatch,
+                                                                  sig):
+    """SIGTERM or Ctrl-C while a run is evaluated: that run is finished (evaluated and
+    probed), the next is not started, the invocation's time is kept."""
+    import signal
+
+    from xft_jax.study import demo_configs, demo_lib, grid
+    from xft_jax.training.trainer import TrainResult
+
+    c = demo_configs.demo_config("smoke")
+    c.out = str(tmp_path / "demo")
+    monkeypatch.setattr(demo_lib, "base_of", lambda c, out: (str(tmp_path / "base"),
+                                                               {"bundled": "fake"}))
+    monkeypatch.setattr(demo_lib.trainer, "train", lambda tc, wd: TrainResult(
+        step=2, status="done", last_metrics={}, workdir=wd))
+
+    def evaluate(ec, out_dir):
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump({"metrics": {"accuracy": 0.5, "macro_f1": 0.5, "n": 2}}, f)
+        open(os.path.join(out_dir, "predictions.csv"), "w").write("id,gold,predicted\n")
+        os.kill(os.getpid(), getattr(signal, sig))              # arrives mid-evaluation
+
+    def probe(pc, out_dir, workdirs):
+        os.makedirs(out_dir)
+        open(os.path.join(out_dir, "probe.json"), "w").write("{}")
+
+    monkeypatch.setattr(demo_lib.evaluation, "run_evaluation", evaluate)
+    monkeypatch.setattr(demo_lib.probe_runs, "run_probes", probe)
+    handlers = [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)]
+    result = demo_lib.run_demo(c, log=lambda *_: None)
+    assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)] == handlers
+    first, second = grid.cells([c.source], c.axes, c.variants, c.seeds)[:2]
+    sweep_dir = os.path.join(c.out, "runs")
+    assert grid.is_done(sweep_dir, first, c.probe)
+    assert result["stopped"] == second.rel and "before " + second.rel in result["report"]
+    assert not os.path.exists(os.path.join(sweep_dir, second.rel))
+    with open(os.path.join(sweep_dir, "timing.json")) as f:
+        entry, = json.load(f)["invocations"]
+    assert entry["runs_trained"] == 1 and entry["complete"] is False
 
 
 def test_the_mini_study_is_the_demo_with_its_validated_recipe():

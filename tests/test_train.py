@@ -210,10 +210,10 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(one_device, compile_cache,
 def test_only_a_second_ctrl_c_aborts_without_saving():
     """A sweep forwards SIGTERM when Ctrl-C reaches it and the run alike: SIGTERM and
     the first Ctrl-C, in either order, ask for a save; a second Ctrl-C aborts."""
-    from xft_jax.training.trainer import _Preemption
+    from xft_jax.training.preemption import Preemption
 
     for first, second in ((signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)):
-        p = _Preemption()
+        p = Preemption("saving")
         p._handle(first, None)
         p._handle(second, None)
         assert p.flag and p.name == first.name

@@ -19,6 +19,7 @@ from xft_jax.models.bundled import bundled_model
 from xft_jax.models.tokenizer import load_tokenizer, mistral_v1_tokenizer_dir
 from xft_jax.study import grid, pretrain, probe_summary, report_io
 from xft_jax.training import trainer
+from xft_jax.training.preemption import Preemption
 
 def eval_config(workdir: str, c):
     ec = config_defaults.eval_config()
@@ -146,26 +147,38 @@ def run_demo(c, log=print) -> dict:
     with open(os.path.join(sweep_dir, "sweep.json"), "w", encoding="utf-8") as f:
         json.dump({"sources": [c.source], "axes": list(c.axes), "variants": list(c.variants),
                    "seeds": list(c.seeds), "probe": bool(c.probe)}, f, indent=2)
-    for cell in tqdm(cells, desc="demo runs", unit="run"):
-        if grid.is_done(sweep_dir, cell, c.probe):
-            tqdm.write(f"[demo] finished earlier, skipped: {grid.score_line(sweep_dir, cell)}",
-                       file=sys.stderr)
-            continue
-        log(f"[demo] {cell.rel}: LoRA fine-tuning, evaluation" + (", probe" if c.probe else ""))
-        grid.record_definition(sweep_dir, cell, definition_of(cell))
-        stopped = run_cell(c, cell, base_dir, sweep_dir, log)
-        if stopped is not None:
-            msg = (f"[demo] stopped by SIGTERM or Ctrl-C in {cell.rel} at step {stopped} "
-                   f"(saved); "
-                   f"the same command resumes it")
-            tqdm.write(msg, file=sys.stderr)
-            # The stopped invocation's time counts towards the study's (timing.json).
-            report_io.record_timing(sweep_dir, cells, t0, t_pre, base_dir)
-            return {"report": msg, "report_dir": None, "majority": None,
-                    "seconds": time.time() - t0, "stopped": cell.rel}
-        tqdm.write(f"[demo] done: {grid.score_line(sweep_dir, cell)}", file=sys.stderr)
-    if c.probe:
-        for axis in c.axes:
+
+    def stop(where, msg):
+        tqdm.write(msg, file=sys.stderr)
+        # The stopped invocation's time counts towards the study's (timing.json).
+        report_io.record_timing(sweep_dir, cells, t0, t_pre, base_dir)
+        return {"report": msg, "report_dir": None, "majority": None,
+                "seconds": time.time() - t0, "stopped": where}
+
+    # SIGTERM or Ctrl-C while a run trains: the trainer saves and returns. While one is
+    # evaluated or probed, or the base probed: that step finishes, then the demo stops.
+    with Preemption("stopping after this run's evaluation and probe") as signalled:
+        for cell in tqdm(cells, desc="demo runs", unit="run"):
+            if grid.is_done(sweep_dir, cell, c.probe):
+                tqdm.write(f"[demo] finished earlier, skipped: "
+                           f"{grid.score_line(sweep_dir, cell)}", file=sys.stderr)
+                continue
+            if signalled.flag:
+                return stop(cell.rel, f"[demo] stopped by SIGTERM or Ctrl-C before "
+                                      f"{cell.rel}; the same command resumes there")
+            log(f"[demo] {cell.rel}: LoRA fine-tuning, evaluation"
+                + (", probe" if c.probe else ""))
+            grid.record_definition(sweep_dir, cell, definition_of(cell))
+            stopped = run_cell(c, cell, base_dir, sweep_dir, log)
+            if stopped is not None:
+                return stop(cell.rel, f"[demo] stopped by SIGTERM or Ctrl-C in {cell.rel} "
+                                      f"at step {stopped} (saved); the same command "
+                                      f"resumes it")
+            tqdm.write(f"[demo] done: {grid.score_line(sweep_dir, cell)}", file=sys.stderr)
+        for axis in (c.axes if c.probe else ()):
+            if signalled.flag:
+                return stop("base probe", "[demo] stopped by SIGTERM or Ctrl-C before the "
+                                          "base probe; the same command resumes there")
             run_base_probe(c, axis, base_dir, sweep_dir)
     report_dir = os.path.join(out, "report")
     report_io.record_timing(sweep_dir, cells, t0, t_pre, base_dir)

@@ -19,9 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
 
 import jax
@@ -41,6 +38,7 @@ from xft_jax.training.checkpoint import Checkpoints, abstract_state
 from xft_jax.training.config_checks import check_train_config
 from xft_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
 from xft_jax.training.metrics_log import RunLogger
+from xft_jax.training.preemption import Preemption
 from xft_jax.training.step import (StepConfig, batch_shardings, jit_step,
                                    make_step_fn, opt_state_shardings, validation_sums)
 
@@ -57,48 +55,6 @@ class TrainResult:
     status: str                  # 'done' | 'preempted'
     last_metrics: dict
     workdir: str
-
-
-class _Preemption:
-    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag; the loop saves at the next step
-    boundary and returns 'preempted'. A second Ctrl-C stops at once (KeyboardInterrupt),
-    keeping the last saved checkpoint: an impatient user loses the steps since then,
-    never the run."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.flag = False
-        self.name = None              # the first signal's name, for the log line
-        self.interrupts = 0           # Ctrl-Cs: only a second one aborts (a SIGTERM that
-        self.prev = {}                # comes with the first, from a sweep, does not)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.prev = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts > 1:
-                raise KeyboardInterrupt
-            print("Ctrl-C: saving at the next step, then stopping (Ctrl-C again stops at "
-                  "once, without saving)", file=sys.stderr, flush=True)
-        self.name = self.name or signal.Signals(signum).name
-        self.flag = True
-
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self.flag
-        from jax.experimental import multihost_utils   # all hosts stop at the same step
-        flags = multihost_utils.process_allgather(np.int32(self.flag))
-        return bool(np.any(flags))
-
-    def __exit__(self, *exc):
-        for s, handler in self.prev.items():
-            signal.signal(s, handler)
-        self.prev = {}
 
 
 def save_config(config, workdir: str) -> None:
@@ -134,11 +90,11 @@ def train(config, workdir: str, *, devices=None) -> TrainResult:
 
     SIGTERM or Ctrl-C at any point (loading included) makes the run save after its next
     step and return with status 'preempted'."""
-    with _Preemption() as preempt:
+    with Preemption("saving at the next step, then stopping") as preempt:
         return _train(config, workdir, devices, preempt)
 
 
-def _train(config, workdir: str, devices, preempt: _Preemption) -> TrainResult:
+def _train(config, workdir: str, devices, preempt: Preemption) -> TrainResult:
     check_train_config(config)
     workdir = os.path.abspath(workdir)
     existed = os.path.isdir(workdir)
@@ -174,7 +130,7 @@ def _remove_created(workdir: str, existed: bool, before: set) -> None:
             os.rmdir(workdir)
 
 
-def _train_in(config, workdir: str, devices, preempt: _Preemption,
+def _train_in(config, workdir: str, devices, preempt: Preemption,
               ckpts: Checkpoints) -> TrainResult:
     # A resume must continue the run its checkpoint belongs to: checked before this
     # attempt's config overwrites the run's config.json.
