@@ -93,11 +93,10 @@ def test_smoke_demo_on_the_toy_base_caches_it_and_names_a_changed_recipe(tmp_pat
         assert open(os.path.join(out, f), "rb").read() == data, f
 
 
-def test_a_demo_stopped_by_sigterm_evaluates_nothing_and_says_how_to_resume(tmp_path,
-                                                                            monkeypatch):
-    """The trainer returns 'preempted' after SIGTERM (saved, resumable): the demo must
-    stop there, not evaluate a half-trained run as a finished cell."""
-    from xft_jax.study import demo_configs, demo_lib, grid
+def _demo_with_training(tmp_path, monkeypatch, status: str, step: int):
+    """The smoke demo's config, its base faked and every training run ending with
+    ``status`` at ``step`` at once, for tests of how the demo stops."""
+    from xft_jax.study import demo_configs, demo_lib
     from xft_jax.training.trainer import TrainResult
 
     c = demo_configs.demo_config("smoke")
@@ -105,7 +104,17 @@ def test_a_demo_stopped_by_sigterm_evaluates_nothing_and_says_how_to_resume(tmp_
     monkeypatch.setattr(demo_lib, "base_of", lambda c, out: (str(tmp_path / "base"),
                                                                {"bundled": "fake"}))
     monkeypatch.setattr(demo_lib.trainer, "train", lambda tc, wd: TrainResult(
-        step=1, status="preempted", last_metrics={}, workdir=wd))
+        step=step, status=status, last_metrics={}, workdir=wd))
+    return c
+
+
+def test_a_demo_stopped_by_sigterm_evaluates_nothing_and_says_how_to_resume(tmp_path,
+                                                                            monkeypatch):
+    """The trainer returns 'preempted' after SIGTERM (saved, resumable): the demo must
+    stop there, not evaluate a half-trained run as a finished cell."""
+    from xft_jax.study import demo_lib, grid
+
+    c = _demo_with_training(tmp_path, monkeypatch, "preempted", step=1)
 
     def no_eval(*a, **k):
         raise AssertionError("evaluated an unfinished run")
@@ -130,15 +139,9 @@ def test_a_signal_during_evaluation_finishes_that_run_then_stops(tmp_path, monke
     probed), the next is not started, the invocation's time is kept."""
     import signal
 
-    from xft_jax.study import demo_configs, demo_lib, grid
-    from xft_jax.training.trainer import TrainResult
+    from xft_jax.study import demo_lib, grid
 
-    c = demo_configs.demo_config("smoke")
-    c.out = str(tmp_path / "demo")
-    monkeypatch.setattr(demo_lib, "base_of", lambda c, out: (str(tmp_path / "base"),
-                                                               {"bundled": "fake"}))
-    monkeypatch.setattr(demo_lib.trainer, "train", lambda tc, wd: TrainResult(
-        step=2, status="done", last_metrics={}, workdir=wd))
+    c = _demo_with_training(tmp_path, monkeypatch, "done", step=2)
 
     def evaluate(ec, out_dir):
         os.makedirs(out_dir)
