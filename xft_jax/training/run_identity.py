@@ -64,24 +64,17 @@ def _matches(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _later_key_value(key: str):
-    """The LATER_KEYS value of a run-config key, or of a cell definition's ``train.``
-    key; _ABSENT for any other key."""
-    for k in (key, key[len("train."):] if key.startswith("train.") else None):
-        if k in LATER_KEYS:
-            return LATER_KEYS[k]
-    return _ABSENT
-
-
-def differences(old: Mapping, new: Mapping, ignore=OPERATIONAL_KEYS) -> list[str]:
+def differences(old: Mapping, new: Mapping, ignore=OPERATIONAL_KEYS,
+                later: Mapping = LATER_KEYS) -> list[str]:
     """``"key: old -> new"`` for every flattened key whose value differs (or exists on
-    one side only), leaving out keys under ``ignore``; sorted by key."""
+    one side only), leaving out keys under ``ignore``; a key of ``later`` missing on one
+    side counts as its value there; sorted by key."""
     a, b = flatten(old), flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
         if _matches(key, ignore):
             continue
-        absent = _later_key_value(key)
+        absent = later.get(key, _ABSENT)
         va, vb = a.get(key, absent), b.get(key, absent)
         if va != vb:
             out.append(f"{key}: {va!r} -> {vb!r}")
@@ -93,7 +86,8 @@ def cell_differences(old: Mapping, new: Mapping) -> list[str]:
     config, "probe": config or None, ...}), each config's operational keys left out."""
     ignore = ([f"train.{k}" for k in OPERATIONAL_KEYS]
               + [f"{step}.{k}" for step in ("evaluate", "probe") for k in EVAL_OPERATIONAL_KEYS])
-    return differences(old, new, ignore=ignore)
+    later = {f"train.{k}": v for k, v in LATER_KEYS.items()}
+    return differences(old, new, ignore=ignore, later=later)
 
 
 def mismatch_message(what: str, diffs: list[str], remedy: str) -> str:
@@ -134,6 +128,6 @@ def check_resume_data(saved: Mapping | None, info: Mapping, checkpoint: str) -> 
             f"new workdir.")
 
 
-__all__ = ["OPERATIONAL_KEYS", "LOCATION_KEYS", "LATER_KEYS", "EVAL_OPERATIONAL_KEYS", "RunMismatchError",
-           "flatten", "differences", "cell_differences", "mismatch_message",
+__all__ = ["OPERATIONAL_KEYS", "LOCATION_KEYS", "LATER_KEYS", "EVAL_OPERATIONAL_KEYS",
+           "RunMismatchError", "flatten", "differences", "cell_differences", "mismatch_message",
            "check_resume_config", "check_resume_data"]
