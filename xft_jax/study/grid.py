@@ -18,7 +18,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Iterable, Sequence
 
@@ -26,6 +25,7 @@ from xft_jax import atomic
 from xft_jax.data.sources import GENERATED
 from xft_jax.data.targets import PAPER_VARIANTS  # noqa: F401 (part of this module's API)
 from xft_jax.training import run_identity
+from xft_jax.training.preemption import signals_handled_by
 
 SOURCES = ("chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected", "amazon_qa", "coqa",
            "cornell_movie")
@@ -202,7 +202,7 @@ class CommandRunner:
     def __init__(self):
         self.stopped = False
         self._child: subprocess.Popen | None = None
-        self._previous = None
+        self._handled = None
 
     def _on_sigterm(self, signum, frame):
         self.stopped = True
@@ -210,15 +210,13 @@ class CommandRunner:
             self._child.send_signal(signal.SIGTERM)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_sigterm)
-                              for s in (signal.SIGTERM, signal.SIGINT)}
+        self._handled = signals_handled_by(self._on_sigterm)
+        self._handled.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for s, handler in (self._previous or {}).items():
-            signal.signal(s, handler)
-        self._previous = None
+        self._handled.__exit__(*exc)
+        self._handled = None
 
     def run(self, cmds: Sequence[Sequence[str]], log_path: str) -> str | None:
         """Runs ``cmds`` until one fails or SIGTERM arrives; returns why one failed, or

@@ -11,27 +11,41 @@ the demo's) takes over while it is active.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 
-import jax
-import numpy as np
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_handled_by(handler, signals=STOP_SIGNALS):
+    """Installs ``handler`` for ``signals`` while active and restores the previous
+    handlers after. Python lets only the main thread install handlers; elsewhere (a test
+    runner's worker thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class Preemption:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self, ctrl_c_message: str):
         self.ctrl_c_message = ctrl_c_message   # printed on the first Ctrl-C
         self.flag = False
         self.name = None              # the first signal's name, for the log line
         self.interrupts = 0           # Ctrl-Cs: only a second one aborts
-        self.prev = {}
+        self._handled = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.prev = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._handled = signals_handled_by(self._handle)
+        self._handled.__enter__()
         return self
 
     def _handle(self, signum, frame):
@@ -47,6 +61,8 @@ class Preemption:
     def requested(self) -> bool:
         """The flag; with several processes, set on all when any one has it (so all
         stop at the same step)."""
+        import jax   # here, so that the jax-free sweep can import this module cheaply
+        import numpy as np
         if jax.process_count() == 1:
             return self.flag
         from jax.experimental import multihost_utils
@@ -54,6 +70,5 @@ class Preemption:
         return bool(np.any(flags))
 
     def __exit__(self, *exc):
-        for s, handler in self.prev.items():
-            signal.signal(s, handler)
-        self.prev = {}
+        self._handled.__exit__(*exc)
+        self._handled = None
