@@ -308,6 +308,24 @@ def test_launcher_mode_submits_the_base_probe_once_per_setting(tmp_path):
     assert "-m xft_jax.probe" in script and "xft_jax.train" not in script
     assert f"--out={sweep}/coqa/naturalness/base/probe" in script
     assert sum(l.startswith("+ ") for l in out.stdout.splitlines()) == 3
+    # The job marks its probe finished after it (set -e: only when the probe succeeded),
+    # so the next sweep does not submit it again.
+    probe_line, record_line = script.strip().splitlines()[-2:]
+    assert "-m xft_jax.probe" in probe_line and "record_base_probe" in record_line
+    out_dir = os.path.join(sweep, "coqa", "naturalness", "base", "probe")
+    os.makedirs(out_dir)
+    json.dump({"runs": []}, open(os.path.join(out_dir, "probe.json"), "w"))
+    rec = subprocess.run(["bash", "-c", record_line], cwd=ROOT, capture_output=True, text=True)
+    assert rec.returncode == 0, rec.stderr
+    shutil.rmtree(os.path.join(sweep, "jobs"))
+    again = _launch(sweep, "--config.probe=True", *_inputs(tmp_path, ["coqa"]))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "coqa__naturalness__base.sh" not in os.listdir(os.path.join(sweep, "jobs"))
+    changed = _launch(sweep, "--config.probe=True", *_inputs(tmp_path, ["coqa"]),
+                      f"--config.overrides=('--config.model.path={tmp_path}/inputs/model',"
+                      "'--config.data.max_len=64')")               # other settings: again
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "coqa__naturalness__base.sh" in os.listdir(os.path.join(sweep, "jobs"))
 
 
 def test_base_probe_runs_once_per_command_and_reports_failure(tmp_path):

@@ -175,6 +175,18 @@ def run_base_probe(sweep_dir, setting, cmd, log=print,
     return None
 
 
+_RECORD = ("import json, sys; from xft_jax.study import probe_summary; "
+           "probe_summary.record_base_probe(sys.argv[1], json.loads(sys.argv[2]))")
+
+
+def _record_base_probe_command(sweep_dir, setting, cmd) -> list[str]:
+    """The job's last command: marks the base probe finished under ``cmd``, as
+    ``run_base_probe`` does locally (the job script stops at a failed probe first), so
+    the next sweep skips it."""
+    return [cmd[0], "-c", _RECORD, probe_summary.base_probe_dir(sweep_dir, *setting),
+            json.dumps(list(cmd[1:]))]
+
+
 def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_of,
                 probes=()):
     jobs = os.path.join(sweep_dir, "jobs")
@@ -185,7 +197,8 @@ def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_o
             continue
         script = os.path.join(jobs, "__".join((*setting, probe_summary.BASE)) + ".sh")
         with open(script, "w", encoding="utf-8") as f:
-            f.write(grid.job_script(grid.Cell(*setting, probe_summary.BASE, 0), [cmd]))
+            f.write(grid.job_script(grid.Cell(*setting, probe_summary.BASE, 0),
+                                    [cmd, _record_base_probe_command(sweep_dir, setting, cmd)]))
         os.chmod(script, 0o755)
         _submit(launcher, script)
     for cell in cell_list:
