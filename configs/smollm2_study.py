@@ -1,6 +1,6 @@
 """The real-model mini-study: the whole protocol on SmolLM2-135M-Instruct and real chats.
 
-    python -m xft_jax.demo --config=configs/smollm2_study.py --config.out=results/smollm2_study
+    python -m xft_jax.demo --config=configs/smollm2_study.py   # into xft_smollm2_study/
 
 One axis (naturalness) x the five variants x three seeds, on 1,000 rated items built from
 real chitchat conversations (``xft_jax/data/chitchat_degraded.py``; 547 training,
