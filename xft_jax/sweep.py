@@ -146,10 +146,16 @@ def base_probes(cell_list, sweep_dir, definition_of) -> list[tuple[tuple[str, st
     return list(out.items())
 
 
+def _probe_definition(cmd) -> list[str]:
+    """What a base probe is recorded as finished under: its command, the interpreter
+    aside (another venv's python runs the same probe)."""
+    return list(cmd[1:])
+
+
 def base_probe_done(sweep_dir, setting, cmd) -> bool:
     """Its probe.json exists and was written by the same command (the interpreter aside)."""
     return probe_summary.base_probe_done(probe_summary.base_probe_dir(sweep_dir, *setting),
-                                         list(cmd[1:]))
+                                         _probe_definition(cmd))
 
 
 def run_base_probe(sweep_dir, setting, cmd, log=print,
@@ -170,7 +176,7 @@ def run_base_probe(sweep_dir, setting, cmd, log=print,
     error = runner.run([cmd], os.path.join(out_dir, "log.txt"))
     if error or runner.stopped:
         return error
-    probe_summary.record_base_probe(out_dir, list(cmd[1:]))
+    probe_summary.record_base_probe(out_dir, _probe_definition(cmd))
     log(f"[sweep] done: {where} (results in {out_dir})")
     return None
 
@@ -184,7 +190,7 @@ def _record_base_probe_command(sweep_dir, setting, cmd) -> list[str]:
     ``run_base_probe`` does locally (the job script stops at a failed probe first), so
     the next sweep skips it."""
     return [cmd[0], "-c", _RECORD, probe_summary.base_probe_dir(sweep_dir, *setting),
-            json.dumps(list(cmd[1:]))]
+            json.dumps(_probe_definition(cmd))]
 
 
 def submit_jobs(cell_list, sweep_dir, commands_of, probe, launcher, definition_of,

@@ -25,7 +25,7 @@ from xft_jax import atomic
 from xft_jax.data.sources import GENERATED
 from xft_jax.data.targets import PAPER_VARIANTS  # noqa: F401 (part of this module's API)
 from xft_jax.training import run_identity
-from xft_jax.training.preemption import signals_handled_by
+from xft_jax.training.preemption import HandlesStopSignals
 
 SOURCES = ("chatbot_arena", "hh_rlhf_chosen", "hh_rlhf_rejected", "amazon_qa", "coqa",
            "cornell_movie")
@@ -189,7 +189,7 @@ def score_line(sweep_dir: str, cell: Cell) -> str:
     return f"{cell.rel}: {scores}; results in {eval_dir}"
 
 
-class CommandRunner:
+class CommandRunner(HandlesStopSignals):
     """Runs a cell's commands one after another, their output appended to a log.
 
     Used as a context manager: while active, SIGTERM (a preempted job) or Ctrl-C is passed
@@ -202,21 +202,11 @@ class CommandRunner:
     def __init__(self):
         self.stopped = False
         self._child: subprocess.Popen | None = None
-        self._handled = None
 
-    def _on_sigterm(self, signum, frame):
+    def _handle(self, signum, frame):
         self.stopped = True
         if self._child is not None and self._child.poll() is None:
             self._child.send_signal(signal.SIGTERM)
-
-    def __enter__(self):
-        self._handled = signals_handled_by(self._on_sigterm)
-        self._handled.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._handled.__exit__(*exc)
-        self._handled = None
 
     def run(self, cmds: Sequence[Sequence[str]], log_path: str) -> str | None:
         """Runs ``cmds`` until one fails or SIGTERM arrives; returns why one failed, or

@@ -11,7 +11,6 @@ the demo's) takes over while it is active.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import threading
@@ -19,34 +18,34 @@ import threading
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-@contextlib.contextmanager
-def signals_handled_by(handler, signals=STOP_SIGNALS):
-    """Installs ``handler`` for ``signals`` while active and restores the previous
-    handlers after. Python lets only the main thread install handlers; elsewhere (a test
-    runner's worker thread) this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+class HandlesStopSignals:
+    """Base of a context manager that handles SIGTERM and Ctrl-C itself while active, in
+    its ``_handle(signum, frame)``, and restores the previous handlers on exit. Python
+    lets only the main thread install handlers; elsewhere (a test runner's worker thread)
+    none are installed."""
+
+    _previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        raise NotImplementedError
 
 
-class Preemption:
+class Preemption(HandlesStopSignals):
     def __init__(self, ctrl_c_message: str):
         self.ctrl_c_message = ctrl_c_message   # printed on the first Ctrl-C
         self.flag = False
         self.name = None              # the first signal's name, for the log line
         self.interrupts = 0           # Ctrl-Cs: only a second one aborts
-        self._handled = None
-
-    def __enter__(self):
-        self._handled = signals_handled_by(self._handle)
-        self._handled.__enter__()
-        return self
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
@@ -68,7 +67,3 @@ class Preemption:
         from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.int32(self.flag))
         return bool(np.any(flags))
-
-    def __exit__(self, *exc):
-        self._handled.__exit__(*exc)
-        self._handled = None
