@@ -37,13 +37,16 @@ _SCHEDULE = flags.DEFINE_string("schedule", None, "optim.schedule.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", None, "optim.warmup_steps.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "data.batch_size.")
 _EPOCHS = flags.DEFINE_float("epochs", None, "train.epochs.")
+_STEPS = flags.DEFINE_integer("steps", None, "train.steps (replaces train.epochs).")
+_BUCKET_STEP = flags.DEFINE_integer("bucket_step", None, "data.bucket_step (padding widths).")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "data.num_train (a subset).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", None, "train.eval_every (0: none).")
 _B2 = flags.DEFINE_float("b2", None, "optim.b2 (Adam's second-moment decay).")
 _LORA_PLUS = flags.DEFINE_float("lora_plus_ratio", None, "optim.lora_plus_ratio (LoRA+).")
 
 OVERRIDES = {"optim.lr": _LR, "optim.schedule": _SCHEDULE, "optim.warmup_steps": _WARMUP,
-             "data.batch_size": _BATCH, "train.epochs": _EPOCHS, "data.num_train": _NUM_TRAIN,
+             "data.batch_size": _BATCH, "train.epochs": _EPOCHS, "train.steps": _STEPS,
+             "data.bucket_step": _BUCKET_STEP, "data.num_train": _NUM_TRAIN,
              "train.eval_every": _EVAL_EVERY, "optim.b2": _B2,
              "optim.lora_plus_ratio": _LORA_PLUS, **demo_flags.DATA_OVERRIDES}
 

@@ -295,6 +295,39 @@ def test_training_batches_pad_to_bucket_widths(mistral_tokenizer):
     assert packed["input_ids"].shape[1] == 1024
 
 
+def test_a_bucket_step_pads_rows_to_the_next_multiple(mistral_tokenizer):
+    """data.bucket_step=N: a batch pads to the smallest multiple of N (from 64) that holds
+    its longest row, training and validation alike, and the rows are those of the
+    powers-of-two layout, padding aside."""
+    from configs import tiny
+    from xft_jax.data.pipeline import length_buckets
+    from xft_jax.training import batches as data_lib
+
+    assert length_buckets(160, step=16) == (64, 80, 96, 112, 128, 144, 160)
+    assert length_buckets(150, step=32) == (64, 96, 128, 150)
+    with pytest.raises(ValueError, match="bucket step -1"):
+        length_buckets(160, step=-1)
+    c = tiny.get_config("synthetic,naturalness,explanation")
+    c.data.num_synthetic, c.data.max_len, c.train.eval_every = 60, 1024, 1
+    coarse = data_lib.build(c, mistral_tokenizer)
+    c.data.bucket_step = 16
+    fine = data_lib.build(c, mistral_tokenizer)
+    assert fine.info == coarse.info                      # the same examples, encoded alike
+    for kind in ("train", "eval"):
+        widths = []
+        for a, b in zip(getattr(coarse, kind).dataset, getattr(fine, kind).dataset):
+            n = b["input_ids"].shape[1]
+            longest = int(b["segment_ids"].sum(1).max())
+            assert n == (64 if longest <= 64 else -(-longest // 16) * 16)
+            assert not a["segment_ids"][:, n:].any()     # only padding was left out
+            for k in a:
+                np.testing.assert_array_equal(a[k][:, :n] if a[k].ndim == 2 else a[k], b[k])
+            widths.append(n)
+            if len(widths) == 4:
+                break
+        assert any(w % 64 for w in widths)               # finer than powers of two
+
+
 def _prompts(rows):
     """Prompt ids of encoded rows (everything before the first loss position + 1)."""
     return [tuple(r["input_ids"][:int(np.flatnonzero(r["loss_mask"])[0]) + 1]) for r in rows]

@@ -81,18 +81,20 @@ def test_cell_differences_leave_out_each_steps_operational_keys():
                                              "train.optim.lr: 0.003 -> 0.5"]
 
 
-def test_a_key_added_later_equals_its_absence_at_the_value_that_keeps_old_runs():
-    """optim.lora_plus_ratio came after runs were saved without it: absent equals 1.0
-    (what those runs computed), so they resume and their cells count as done; any other
-    value is a different run."""
+@pytest.mark.parametrize("key,kept,other", [("optim.lora_plus_ratio", 1.0, 16.0),
+                                             ("data.bucket_step", 0, 16)])
+def test_a_key_added_later_equals_its_absence_at_the_value_that_keeps_old_runs(key, kept,
+                                                                              other):
+    """Keys that came after runs were saved without them: absent equals the value those
+    runs computed with, so they resume and their cells count as done; any other value is
+    a different run."""
+    section, leaf = key.split(".")
     new = _config()
-    assert new["optim"]["lora_plus_ratio"] == 1.0
-    old = _config(**{"optim.lora_plus_ratio": DELETE})
+    assert new[section][leaf] == kept
+    old = _config(**{key: DELETE})
     assert ri.differences(old, new) == []
-    assert ri.differences(old, _config(**{"optim.lora_plus_ratio": 16.0})) == [
-        "optim.lora_plus_ratio: 1.0 -> 16.0"]
+    assert ri.differences(old, _config(**{key: other})) == [f"{key}: {kept!r} -> {other!r}"]
     assert ri.cell_differences({"train": old}, {"train": new}) == []
-    assert ri.cell_differences({"train": old},
-                               {"train": _config(**{"optim.lora_plus_ratio": 4.0})}) == [
-        "train.optim.lora_plus_ratio: 1.0 -> 4.0"]
+    assert ri.cell_differences({"train": old}, {"train": _config(**{key: other})}) == [
+        f"train.{key}: {kept!r} -> {other!r}"]
     ri.check_resume_config(old, new, "/w/ckpt/4")

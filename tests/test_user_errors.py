@@ -52,6 +52,7 @@ def test_user_error_is_one_line_exit_2_and_a_bug_keeps_its_traceback(capsys):
     ("data.target", "explanations", "data.target='explanations'"),
     ("data.eval_examples", 0, "data.eval_examples=0.0: must be a positive integer"),
     ("train.eval_batches", 0, "train.eval_batches=0.0: must be a positive integer"),
+    ("data.bucket_step", -16, "data.bucket_step=-16.0: must be 0"),
 ])
 def test_config_values_that_cannot_work_are_named(key, value, says):
     from xft_jax import errors

@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_synthetic = ml_collections.FieldReference(None, field_type=int)
     c.data.eval_examples = ml_collections.FieldReference(None, field_type=int)  # validation cap
     c.data.pack = False
+    # Unpacked rows pad to a few widths (data.pipeline.length_buckets): 0, powers of two
+    # (few compiles, for accelerators); N > 0, every multiple of N (little padding, for
+    # a CPU that pays per token). Same results either way, up to float rounding.
+    c.data.bucket_step = 0
     # Every prompt leaves the same room for its target: this percentile of the training
     # split's longest target among the run's own and these variants (a longer target loses
     # its tail, never its label). A cut prompt then carries nothing about its label, and

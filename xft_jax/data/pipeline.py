@@ -85,13 +85,18 @@ def to_examples(data) -> list[RatedExample]:
     return list(data)
 
 
-def length_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
-    """Powers of two from ``smallest`` below ``max_len``, then ``max_len``: at most
-    2x padding per batch, and only log2(max_len / smallest) + 1 compiled widths."""
+def length_buckets(max_len: int, smallest: int = 64, step: int = 0) -> tuple[int, ...]:
+    """The widths batches pad to, then ``max_len``. ``step`` 0: powers of two from
+    ``smallest`` (at most 2x padding per batch, log2(max_len / smallest) + 1 compiled
+    widths; for accelerators, where a compile costs more than some padding). ``step`` > 0:
+    every multiple of ``step`` from ``smallest`` (at most ``step`` - 1 padding tokens per
+    row, more compiled widths; for a CPU, which pays for every padded token)."""
+    if step < 0:
+        raise ValueError(f"bucket step {step} must be >= 0")
     widths, w = [], smallest
     while w < max_len:
         widths.append(w)
-        w *= 2
+        w = w + step if step else w * 2
     return tuple(widths) + (max_len,)
 
 

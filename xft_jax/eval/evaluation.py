@@ -132,6 +132,9 @@ def resolve_data(dc, run_config) -> ml_collections.ConfigDict:
         out[k] = v
     out.split = dc.split
     out.max_examples = dc.max_examples
+    # Padding widths only (results equal up to float rounding): the run's, not a key of
+    # the eval config, so the eval configs of finished studies are unchanged.
+    out.bucket_step = int(run.get("bucket_step", 0)) if run is not None else 0
     return out
 
 
@@ -159,7 +162,8 @@ def eval_batches(d, tokenizer, batch_size: int):
                                     target_room=troom, chat_template=bool(d.chat_template),
                                     rubric=bool(d.rubric),
                                     process_index=0, process_count=1, sort_by_length=True,
-                                    buckets=pipeline.length_buckets(int(d.max_len)))
+                                    buckets=pipeline.length_buckets(
+                                        int(d.max_len), step=int(d.get("bucket_step", 0))))
     if batches.stats.kept == 0:
         raise ConfigValueError(
             f"{splits.origin}: none of the {len(examples)} {d.split} examples fits "

@@ -43,19 +43,17 @@ def build(config, tokenizer) -> RunData:
                   target_room=troom, chat_template=bool(d.chat_template),
                   rubric=bool(d.rubric))
     pack = bool(d.pack)
-    # Unpacked rows pad to the batch's power-of-two width, not max_len: every process
-    # builds the same global batch, so all agree on the width (a few compiled shapes).
+    # Unpacked rows pad to the batch's bucket width, not max_len: every process builds the
+    # same global batch, so all agree on the width (a few compiled shapes).
+    buckets = pipeline.length_buckets(int(d.max_len), step=int(d.bucket_step))
     train = pipeline.train_batches(splits.train, tokenizer, seed=int(config.train.seed),
-                                   pack=pack,
-                                   buckets=None if pack else pipeline.length_buckets(
-                                       int(d.max_len)), **common)
+                                   pack=pack, buckets=None if pack else buckets, **common)
     ev = None
     if int(config.train.eval_every) > 0 and splits.validation:
         # Length-sorted: validation sums over examples, so order is free and short rows
         # share narrow batches.
         ev = pipeline.eval_batches(splits.validation[:d.eval_examples], tokenizer, seed=0,
-                                   buckets=pipeline.length_buckets(int(d.max_len)),
-                                   sort_by_length=True, **common)
+                                   buckets=buckets, sort_by_length=True, **common)
     info = {"origin": splits.origin, "num_train": len(splits.train),
             "num_validation": len(splits.validation), "num_test": len(splits.test),
             "target_room": troom, "train_encode": train.stats.to_dict(),

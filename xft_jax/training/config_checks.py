@@ -41,6 +41,10 @@ def check_train_config(config) -> None:
             if v < 1 or v != int(v):
                 raise ConfigValueError(f"config.{key}={v}: must be a positive integer, or "
                                        f"None for the whole validation split")
+    step = _number(config, "data.bucket_step")
+    if step < 0 or step != int(step):
+        raise ConfigValueError(f"config.data.bucket_step={step}: must be 0 (powers of two) "
+                               f"or a positive integer width step")
     d = config.data
     if d.source not in SOURCES:
         raise ConfigValueError(f"config.data.source={d.source!r} is not a known source; "

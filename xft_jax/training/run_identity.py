@@ -31,7 +31,7 @@ EVAL_OPERATIONAL_KEYS = ("mesh", "model.workdir", "model.path", "model.adapter",
 # Keys added after runs were saved without them, with the value that computes what those
 # runs computed: a saved config lacking the key equals one holding that value, so an
 # older run resumes and an older study's finished cells count as done.
-LATER_KEYS = {"optim.lora_plus_ratio": 1.0}
+LATER_KEYS = {"optim.lora_plus_ratio": 1.0, "data.bucket_step": 0}
 
 
 class _Absent:
