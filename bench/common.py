@@ -30,13 +30,16 @@ RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 CACHE = os.environ.get("XFT_BENCH_CACHE", os.path.join(tempfile.gettempdir(),
                                                        "xft_jax_bench_cache"))
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SIZES = ("smoke", "cpu", "gpu", "gpu_smoke")
+SIZES = ("smoke", "cpu", "demo_cpu", "gpu", "gpu_smoke")
 
 # ----------------------------------------------------------------------------- sizes
 _TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 _MID = dict(model_type="llama", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
             num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8)
+# The demo's base, SmolLM2-135M-Instruct, by shape (random weights time the same).
+_SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
 _MISTRAL7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
                   intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, sliding_window=4096)
@@ -56,6 +59,12 @@ SPECS = {
                 eval=dict(batch=4, seq=512, warmup=1, reps=5),
                 load=dict(model=dict(_MID, num_hidden_layers=24), dtype="float32", reps=3),
                 matmul=2048, target_frac=0.125),
+    # demo_cpu: the demo's training step (batch 4) at the widths its rows pad to.
+    "demo_cpu": dict(model=_SMOLLM2, dtype="float32", remat="none",
+                     train=dict(cases=[(4, 64), (4, 96), (4, 128)], warmup=1, steps=4),
+                     eval=dict(batch=32, seq=96, warmup=1, reps=3),
+                     load=dict(model=_SMOLLM2, dtype="float32", reps=3),
+                     matmul=1024, target_frac=0.05),
     # gpu: a None batch is sized from the card's memory (``train_cases``), capped at
     # ``max_tokens`` per step so that the whole 7B check fits a short lease (bench/README.md
     # has the time budget); ``dense_peak`` is the datasheet's dense bf16 rate of an
