@@ -29,8 +29,9 @@ def probe_run(config, mesh) -> dict:
     per-layer summary and identity."""
     loaded = evaluation.load_model(config.model, mesh)
     d = evaluation.resolve_data(config.data, loaded.run_config)
-    # Powers-of-two widths for every probe, the base's included: a probe is a batch or
-    # two, where a compile per width costs more than the padding saves.
+    # Powers-of-two widths for every probe, whatever the run padded to: the runs' probes
+    # and the base's (their reference, which has no run config) pad alike, and a probe
+    # is a batch or two, where finer widths would mostly add compiles.
     d.bucket_step = 0
     bs = batching.batch_size_for(mesh, int(config.eval.batch_size))
     batches, data_info = evaluation.eval_batches(d, loaded.tokenizer, bs)
