@@ -14,9 +14,11 @@ data only, from label_only's validation curve (bench/README.md: at batch 4, vali
 accuracy 0.47 from step 120 and 0.59 at step 240 against a majority-class rate of 0.24;
 at batch 8 and the same step count, twice the cost, 0.54; the demo's 27 steps stay at
 chance), and holds for every variant. On 2 CPU cores one run takes about 19.5 minutes
-(label_only) to 22.5 (explanation), so the 15 runs take about 5.5 hours; on a GPU
-minutes. Interrupted, the same command resumes at the first unfinished run. Any change of
-a setting is a new study, to be run into a new ``--config.out``.
+(label_only) to 22.5 (explanation), so the 15 runs take about 5.5 hours (a GPU was not
+measured). Rows pad to powers of two (``data.bucket_step=0``), as in the committed run;
+the demo pads to multiples of 16. Interrupted, the same command resumes at the first
+unfinished run. Any change of a setting is a new study, to be run into a new
+``--config.out``.
 """
 
 from xft_jax.study.demo_configs import demo_config

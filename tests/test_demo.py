@@ -171,7 +171,8 @@ def test_a_signal_during_evaluation_finishes_that_run_then_stops(tmp_path, monke
 
 def test_the_mini_study_is_the_demo_with_its_validated_recipe():
     """configs/smollm2_study.py differs from the demo only in the keys its docstring
-    names: three seeds, 1,000 items and the longer recipe chosen on validation data."""
+    names: three seeds, 1,000 items, the longer recipe chosen on validation data, and
+    the powers-of-two padding it ran with."""
     import importlib.util
 
     from xft_jax.study.demo_configs import demo_config
@@ -193,7 +194,7 @@ def test_the_mini_study_is_the_demo_with_its_validated_recipe():
     assert diff == {"out": "xft_smollm2_study", "seeds": (0, 1, 2), "num_items": 1000,
                     "train.data.batch_size": 4, "train.optim.lr": 2e-3,
                     "train.optim.warmup_steps": 20, "train.train.epochs": 2.0,
-                    "train.train.eval_every": 30}
+                    "train.train.eval_every": 30, "train.data.bucket_step": 0}
     assert study["variants"] == ("label_only", "explanation", "shuffled", "bag_of_words",
                                  "random_vocab")
     assert study["train"]["data"]["rubric"] is False
