@@ -214,3 +214,29 @@ def test_eval_takes_the_runs_prompt_rubric_setting(mistral_tokenizer):
     full, _ = eval_lib.eval_batches(d, mistral_tokenizer, 4)
     lengths = [np.sort(next(iter(b))["segment_ids"].sum(axis=1)) for b in (short, full)]
     assert (lengths[0] < lengths[1] - 20).all()
+
+
+def test_eval_pads_as_the_run_did(mistral_tokenizer):
+    """Evaluation takes the run's data.bucket_step (0 for a run saved before the key, or
+    for a base model), so its rows pad to the next multiple; the scored rows are the same
+    either way, padding aside."""
+    from xft_jax import config_defaults
+    run = config_defaults.base_config()
+    run.data.bucket_step = 16
+    d = eval_lib.resolve_data(_config().data, run)
+    assert d.bucket_step == 16
+    assert eval_lib.resolve_data(_config().data, None).bucket_step == 0
+    del run.data["bucket_step"]                           # a run from before the key
+    assert eval_lib.resolve_data(_config().data, run).bucket_step == 0
+    d.num_synthetic, d.max_len, d.max_examples = 40, 320, 12
+    fine = [dict(b) for b in eval_lib.eval_batches(d, mistral_tokenizer, 4)[0]]
+    d.bucket_step = 0
+    coarse = [dict(b) for b in eval_lib.eval_batches(d, mistral_tokenizer, 4)[0]]
+    for a, b in zip(coarse, fine, strict=True):
+        n = b["input_ids"].shape[1]
+        longest = int(b["segment_ids"].sum(1).max())
+        assert n == max(64, -(-longest // 16) * 16) and a["input_ids"].shape[1] >= n
+        assert not a["segment_ids"][:, n:].any()
+        for k in a:
+            np.testing.assert_array_equal(a[k][:, :n] if a[k].ndim == 2 else a[k], b[k])
+    assert any(a["input_ids"].shape[1] > b["input_ids"].shape[1] for a, b in zip(coarse, fine))
