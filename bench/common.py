@@ -304,12 +304,18 @@ def median(xs) -> float:
 
 def jax_matmul_peak(n: int, dtype: str, reps: int = 5) -> float:
     """FLOP/s of ``jnp.dot`` on two n x n matrices in ``dtype`` (median of reps)."""
+    return jax_matmul_rate(n, n, n, dtype, reps)
+
+
+def jax_matmul_rate(m: int, k: int, n: int, dtype: str, reps: int = 5) -> float:
+    """FLOP/s of a jitted ``jnp.dot`` of an [m, k] by a [k, n] matrix in ``dtype``
+    (median of ``reps`` calls after one warm-up call)."""
     import jax
     import jax.numpy as jnp
 
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
+    a = jax.random.normal(k1, (m, k), jnp.float32).astype(dtype)
+    b = jax.random.normal(k2, (k, n), jnp.float32).astype(dtype)
     f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
     times = []
@@ -317,7 +323,7 @@ def jax_matmul_peak(n: int, dtype: str, reps: int = 5) -> float:
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / median(times)
+    return 2 * m * k * n / median(times)
 
 
 def torch_matmul_peak(n: int, dtype: str, device: str, reps: int = 5) -> float:

@@ -2,10 +2,12 @@
 
 import copy
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 
+from tests.batch_checks import assert_padded_to_step
 from xft_jax.data import synthetic
 from xft_jax.data.encode import label_token_ids, prompt_parts
 from xft_jax.data.pipeline import eval_batches, make_batches, train_batches
@@ -314,17 +316,8 @@ def test_a_bucket_step_pads_rows_to_the_next_multiple(mistral_tokenizer):
     fine = data_lib.build(c, mistral_tokenizer)
     assert fine.info == coarse.info                      # the same examples, encoded alike
     for kind in ("train", "eval"):
-        widths = []
-        for a, b in zip(getattr(coarse, kind).dataset, getattr(fine, kind).dataset):
-            n = b["input_ids"].shape[1]
-            longest = int(b["segment_ids"].sum(1).max())
-            assert n == (64 if longest <= 64 else -(-longest // 16) * 16)
-            assert not a["segment_ids"][:, n:].any()     # only padding was left out
-            for k in a:
-                np.testing.assert_array_equal(a[k][:, :n] if a[k].ndim == 2 else a[k], b[k])
-            widths.append(n)
-            if len(widths) == 4:
-                break
+        first4 = [list(itertools.islice(getattr(r, kind).dataset, 4)) for r in (coarse, fine)]
+        widths = assert_padded_to_step(*first4, step=16)
         assert any(w % 64 for w in widths)               # finer than powers of two
 
 

@@ -163,7 +163,7 @@ def eval_batches(d, tokenizer, batch_size: int):
                                     rubric=bool(d.rubric),
                                     process_index=0, process_count=1, sort_by_length=True,
                                     buckets=pipeline.length_buckets(
-                                        int(d.max_len), step=int(d.get("bucket_step", 0))))
+                                        int(d.max_len), step=int(d.bucket_step)))
     if batches.stats.kept == 0:
         raise ConfigValueError(
             f"{splits.origin}: none of the {len(examples)} {d.split} examples fits "
